@@ -1,0 +1,135 @@
+"""Checkpoint folders: config JSON, our modules in safetensors, HF/diffusers subfolders, trainer state.
+
+    config.json            resolved DuetConfig + format_version
+    model.safetensors      our modules (CNN, decoders, projections, logit_scale, latent_scale, caption vocabulary)
+    text_encoder/          transformers save_pretrained: BERT + tokenizer
+    unet/  unet_ema/       diffusers save_pretrained (unet_ema: the EMA weights, used for sampling)
+    scheduler/             the training noise schedule
+    trainer_state.pt       step, optimizer, LR schedule, RNG; read with weights_only=True
+
+Written into `<name>.tmp/` then renamed, so a folder with the final name is always complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from configs.errors import UserError
+from configs.loading import config_from_dict, config_to_dict
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, TRAINER_STATE_FILE = "config.json", "model.safetensors", "trainer_state.pt"
+HF_PREFIXES = ("text_encoder.bert.", "diffusion.unet.")  # saved by their own libraries in subfolders
+
+
+def own_state_dict(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(HF_PREFIXES)}
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Moves a finished tmp folder to its final name; an older folder there is removed only afterwards."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, folder: str | Path, ema=None, trainer_state: dict | None = None) -> Path:
+    """Writes model (unwrapped DuetModel), its EMA (diffusers EMAModel) and trainer state atomically."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = {"format_version": FORMAT_VERSION, **config_to_dict(model.config)}
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_file(own_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+    model.text_encoder.bert.save_pretrained(tmp / "text_encoder")
+    model.tokenizer.save_pretrained(tmp / "text_encoder")
+    model.diffusion.unet.save_pretrained(tmp / "unet")
+    model.diffusion.noise_scheduler.save_pretrained(tmp / "scheduler")
+    if ema is not None:
+        ema.save_pretrained(tmp / "unet_ema")
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+    replace_dir(tmp, folder)
+    return folder
+
+
+def read_config(folder: str | Path):
+    """The DuetConfig saved in a checkpoint; another version or an unknown field is a UserError naming it."""
+    folder = Path(folder)
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} is not a Duet checkpoint (no {CONFIG_FILE}); give a folder written by main.py")
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; the checkpoint is damaged") from None
+    version = saved.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise UserError(f"{folder} has checkpoint format {version}, this version reads {FORMAT_VERSION}")
+    try:
+        return config_from_dict(saved)
+    except UserError as err:
+        raise UserError(f"{folder} was written by another version or config: {err}") from None
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """Builds the DuetModel a checkpoint describes and loads its weights (strict); returns it in eval mode.
+
+    With use_ema the UNet is the EMA one when the checkpoint has it (what sampling wants)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from models.duet import DuetModel
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    unet_dir = folder / ("unet_ema" if use_ema and (folder / "unet_ema").is_dir() else "unet")
+    try:
+        bert = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "text_encoder", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
+        noise_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+        state = load_file(folder / WEIGHTS_FILE)
+    except (OSError, ValueError, SafetensorError, EnvironmentError) as err:
+        raise UserError(f"checkpoint {folder} is incomplete or damaged: {str(err).splitlines()[0]}") from None
+    model = DuetModel(cfg, bert, tokenizer, unet, noise_scheduler)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a shape differs from what config.json describes
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), str(err))
+        raise UserError(f"checkpoint {folder} does not match its config.json: {detail}") from None
+    missing = [k for k in missing if not k.startswith(HF_PREFIXES)]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise UserError(f"checkpoint {folder} does not match its config.json (first mismatch: '{key}')")
+    return model.to(device).eval()
+
+
+def load_trainer_state(folder: str | Path) -> dict:
+    path = Path(folder) / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} has no {TRAINER_STATE_FILE}: it cannot be resumed (it may be an exported model)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated pickle raises several types
+        raise UserError(f"{path} is damaged ({type(err).__name__}); resume from an earlier checkpoint") from None
+
+
+def find_latest_checkpoint(root: str | Path = "outputs") -> Path:
+    """The newest complete checkpoint folder under root (a run's best_model or checkpoint-N), by write time."""
+    root = Path(root)
+    found = [p.parent for p in root.glob("**/" + CONFIG_FILE)
+             if (p.parent / WEIGHTS_FILE).is_file() and not p.parent.name.endswith((".tmp", ".old"))]
+    if not found:
+        raise UserError(f"no checkpoint found under {root.resolve()}; train one with `python main.py` "
+                        "or pass --checkpoint PATH")
+    return max(found, key=lambda p: (p / WEIGHTS_FILE).stat().st_mtime)

@@ -1,0 +1,122 @@
+"""DuetModel: owns the components; forward(batch) -> the losses and metrics the progress bar shows."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from configs.schema import DuetConfig
+from models.caption_decoder import CaptionDecoder
+from models.diffusion import LatentDiffusion
+from models.image_decoder import ImageDecoder
+from models.image_encoder import build_image_encoder
+from models.losses import contrastive_loss
+from models.text_encoder import TextEncoder, load_text_backbone
+
+LATENT_SCALE_MOMENTUM = 0.01  # running 1/std of the latents; a cumulative mean over the first 100 batches
+
+
+class DuetModel(nn.Module):
+    """Image encoder + decoder (autoencoder), BERT text encoder, caption decoder and latent diffusion."""
+
+    def __init__(self, cfg: DuetConfig, bert: nn.Module, tokenizer, unet=None, noise_scheduler=None):
+        super().__init__()
+        m = cfg.model
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.image_encoder = build_image_encoder(m)
+        self.image_decoder = ImageDecoder(m)
+        self.text_encoder = TextEncoder(m, bert)
+        self.caption_decoder = CaptionDecoder(
+            m, self.image_encoder.token_dim, bert.config.vocab_size, bos_id=tokenizer.cls_token_id,
+            eos_id=tokenizer.sep_token_id, pad_id=tokenizer.pad_token_id, unk_id=tokenizer.unk_token_id)
+        self.diffusion = LatentDiffusion(m, cfg.train.diffusion_timesteps, unet, noise_scheduler)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
+        # Diffusion runs on latents * latent_scale (about unit variance); decoding divides it back out.
+        self.register_buffer("latent_scale", torch.tensor(1.0))
+        self.register_buffer("latent_scale_updates", torch.tensor(0, dtype=torch.long))
+
+    @classmethod
+    def build(cls, cfg: DuetConfig) -> "DuetModel":
+        """A fresh model; BERT (and its tokenizer) come pretrained from cfg.model.text_encoder."""
+        bert, tokenizer = load_text_backbone(cfg.model.text_encoder)
+        return cls(cfg, bert, tokenizer)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        m = self.config.model
+        side = m.image_size // m.latent_downsample
+        return (m.latent_channels, side, side)
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        """Padded input_ids and attention_mask (B, T) on the model's device; long texts are truncated."""
+        batch = self.tokenizer(list(texts), padding="max_length", truncation=True, return_tensors="pt",
+                               max_length=max_length or self.config.model.max_caption_len)
+        device = self.logit_scale.device
+        return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> embeds (B, E)."""
+        embeds = self.image_encoder(images)["embeds"]
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True):
+        """(B, T) -> embeds (B, E)."""
+        embeds, _ = self.text_encoder(input_ids, attention_mask)
+        return F.normalize(embeds, dim=-1) if normalize else embeds
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> the states (B, T, cond_dim) the UNet cross-attends to."""
+        return self.text_encoder(input_ids, attention_mask)[1]
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> normalised latents (B, Lc, h, w), the diffusion model's space."""
+        return self.image_encoder(images)["latents"] * self.latent_scale
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalised latents -> images (B, 3, H, W) in [-1, 1]."""
+        return self.image_decoder(latents / self.latent_scale)
+
+    @torch.no_grad()
+    def _track_latent_scale(self, latents: torch.Tensor) -> None:
+        self.latent_scale_updates += 1
+        momentum = max(LATENT_SCALE_MOMENTUM, 1.0 / float(self.latent_scale_updates))
+        self.latent_scale.lerp_(1.0 / latents.float().std().clamp(min=1e-4), momentum)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: images (B, 3, H, W), input_ids and attention_mask (B, T) -> loss, cont, rec, diff, i2t, t2i
+        (plus the two halves of rec: img_rec and cap)."""
+        t = self.config.train
+        images, input_ids, attention_mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        encoded = self.image_encoder(images)
+        text_embeds, text_states = self.text_encoder(input_ids, attention_mask)
+        cont, i2t, t2i = contrastive_loss(F.normalize(encoded["embeds"], dim=-1), F.normalize(text_embeds, dim=-1),
+                                          self.logit_scale)
+        img_rec = F.mse_loss(self.image_decoder(encoded["latents"]), images)
+        cap = self.caption_decoder.loss(input_ids, attention_mask, encoded["tokens"])
+        if self.training:
+            self._track_latent_scale(encoded["latents"])
+        # detach: the diffusion loss must not pull the autoencoder's latent towards what is easy to denoise.
+        diff = self.diffusion.training_loss(encoded["latents"].detach() * self.latent_scale, text_states, attention_mask)
+        rec = img_rec + cap
+        loss = t.contrastive_weight * cont + t.recon_weight * rec + t.diffusion_weight * diff
+        return {"loss": loss, "cont": cont, "rec": rec, "diff": diff, "i2t": i2t, "t2i": t2i,
+                "img_rec": img_rec, "cap": cap}
+
+    @torch.no_grad()
+    def caption(self, images: torch.Tensor, max_length: int | None = None) -> list[str]:
+        """Greedy captions for images (B, 3, H, W); inference offers beam search and sampling."""
+        token_ids = self.caption_decoder.greedy(self.image_encoder(images)["tokens"], max_length)
+        return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def generate_images(self, texts: list[str], scheduler, num_inference_steps: int = 50, guidance_scale: float = 3.0,
+                        generator=None, unet=None) -> torch.Tensor:
+        """texts -> images (B, 3, H, W) in [-1, 1]; pass the EMA UNet as `unet` to sample with it."""
+        tokens = self.tokenize(texts)
+        states = self.text_states(tokens["input_ids"], tokens["attention_mask"])
+        latents = self.diffusion.sample(states, tokens["attention_mask"], self.latent_shape, scheduler,
+                                        num_inference_steps, guidance_scale, generator, unet)
+        return self.decode_latents(latents).clamp(-1, 1)
