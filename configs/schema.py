@@ -45,6 +45,8 @@ class DataConfig:
     embedded_val_images: int = 2000
     embedded_seed: int = 0
     fashion_tints: list[str] = field(default_factory=lambda: ["white", "red", "green", "blue", "yellow"])
+    fashion_train_images: int = 12000     # first N of Fashion-MNIST's 60k train file (generated in seconds)
+    fashion_val_images: int = 2000        # first N of its 10k t10k file
 
 
 @dataclass
@@ -54,6 +56,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     epochs: int = 15
     max_steps: int = 0                    # 0: epochs decide
+    max_minutes: float = 0.0              # wall-clock budget; 0: none. Stops early with a checkpoint
     batch_size: int = 64
     grad_accum_steps: int = 1
     num_workers: int = 8

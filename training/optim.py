@@ -1,0 +1,28 @@
+"""AdamW with decay only on weight matrices, and linear warmup then cosine decay."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """Biases, norms, embeddings and the temperature get no weight decay (as in CLIP and nanoGPT)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 and "embed" not in name.split(".")[-1] else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.05):
+    """LambdaLR multiplier: linear from ~0 to 1 over warmup_steps, then cosine down to min_ratio at total_steps."""
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return multiplier
