@@ -18,7 +18,7 @@ torch.set_num_threads(1)
 # Whole words the embedded world and the fashion set use, so tiny-BERT token sequences stay short.
 _WORDS = """a an the of to on in at and is with there photo picture image small large big tiny huge left right top
 bottom center middle above below next side upper lower corner red green blue yellow purple orange cyan white black
-gray grey pink brown circle square triangle diamond star cross ring shape object objects one two t-shirt top trouser
+gray grey pink brown near over under circle square triangle diamond star cross ring shape object objects one two t-shirt top trouser
 trousers pullover dress coat sandal shirt sneaker bag ankle boot boots garment clothing item""".split()
 
 
