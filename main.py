@@ -34,14 +34,14 @@ def default_preset(dataset: str | None, data_root: str = "data") -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from training.loop import run
-
         overrides = list(args.set)
         if args.dataset:
             overrides.append(f"data.dataset={args.dataset}")
         if args.out_dir:
             overrides.append(f"train.out_dir={args.out_dir}")
         cfg = load_config(args.config or default_preset(args.dataset), overrides)
+        from training.loop import run  # after the config: a typo is reported before torch loads
+
         summary = run(cfg, resume=args.resume)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

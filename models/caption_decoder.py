@@ -32,7 +32,11 @@ class Attention(nn.Module):
         return self.split(k), self.split(v)
 
     def forward(self, x, k, v, causal: bool) -> torch.Tensor:
-        y = F.scaled_dot_product_attention(self.split(self.q(x)), k, v, is_causal=causal)
+        T, S = x.shape[1], k.shape[2]
+        mask = None
+        if causal and S != T:  # new tokens after a cache: each sees the whole cache and the new ones before it
+            mask, causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T), False
+        y = F.scaled_dot_product_attention(self.split(self.q(x)), k, v, attn_mask=mask, is_causal=causal)
         return self.out(y.transpose(1, 2).flatten(2))                        # (B, T, C)
 
 

@@ -11,6 +11,7 @@ Written into `<name>.tmp/` then renamed, so a folder with the final name is alwa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -55,11 +56,24 @@ def save_checkpoint(model, folder: str | Path, ema=None, trainer_state: dict | N
     model.diffusion.unet.save_pretrained(tmp / "unet")
     model.diffusion.noise_scheduler.save_pretrained(tmp / "scheduler")
     if ema is not None:
-        ema.save_pretrained(tmp / "unet_ema")
+        with torch.random.fork_rng(devices=[]):  # it builds a fresh UNet, which must not move the run's RNG
+            ema.save_pretrained(tmp / "unet_ema")
     if trainer_state is not None:
         torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
     replace_dir(tmp, folder)
     return folder
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def read_config(folder: str | Path):
@@ -96,7 +110,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_
     try:
         bert = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder / "text_encoder", local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
+        with _quiet_diffusers():  # unet_ema's config carries the EMA's decay etc., which the UNet ignores
+            unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
         noise_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
         state = load_file(folder / WEIGHTS_FILE)
     except (OSError, ValueError, SafetensorError, EnvironmentError) as err:
@@ -124,11 +139,16 @@ def load_trainer_state(folder: str | Path) -> dict:
         raise UserError(f"{path} is damaged ({type(err).__name__}); resume from an earlier checkpoint") from None
 
 
+def _is_complete_checkpoint(folder: Path, root: Path) -> bool:
+    """Our weights plus the HF subfolders (text_encoder/ holds a config.json too), outside any .tmp/.old folder."""
+    return ((folder / WEIGHTS_FILE).is_file() and (folder / "text_encoder").is_dir() and (folder / "unet").is_dir()
+            and not any(part.endswith((".tmp", ".old")) for part in folder.relative_to(root).parts))
+
+
 def find_latest_checkpoint(root: str | Path = "outputs") -> Path:
     """The newest complete checkpoint folder under root (a run's best_model or checkpoint-N), by write time."""
     root = Path(root)
-    found = [p.parent for p in root.glob("**/" + CONFIG_FILE)
-             if (p.parent / WEIGHTS_FILE).is_file() and not p.parent.name.endswith((".tmp", ".old"))]
+    found = [p.parent for p in root.glob("**/" + CONFIG_FILE) if _is_complete_checkpoint(p.parent, root)]
     if not found:
         raise UserError(f"no checkpoint found under {root.resolve()}; train one with `python main.py` "
                         "or pass --checkpoint PATH")

@@ -90,6 +90,9 @@ class DuetModel(nn.Module):
         (plus the two halves of rec: img_rec and cap)."""
         t = self.config.train
         images, input_ids, attention_mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        # Captions are padded to max_caption_len; the columns past the longest one only cost BERT time.
+        longest = int(attention_mask.sum(1).max())
+        input_ids, attention_mask = input_ids[:, :longest], attention_mask[:, :longest]
         encoded = self.image_encoder(images)
         text_embeds, text_states = self.text_encoder(input_ids, attention_mask)
         cont, i2t, t2i = contrastive_loss(F.normalize(encoded["embeds"], dim=-1), F.normalize(text_embeds, dim=-1),

@@ -52,6 +52,9 @@ class TextEncoder(nn.Module):
         self.frozen = cfg.freeze_bert
         if self.frozen:
             self.bert.requires_grad_(False)
+        if getattr(bert, "pooler", None) is not None:
+            # Mean pooling replaces BERT's pooler; it must not train (DDP fails on parameters that get no gradient).
+            bert.pooler.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)

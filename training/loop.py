@@ -313,54 +313,62 @@ class Trainer:
         self._truncate_metrics()
         deadline = self.started + t.max_minutes * 60 if t.max_minutes else math.inf
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True)
-        window, warned, last_val_step, stop = [], False, -1, False
-        while self.step < self.total_steps and not stop:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            if hasattr(self.train_set, "set_epoch"):
-                self.train_set.set_epoch(self.epoch)
-            micro = []
-            for batch in self._loader(self.train_set, self.sampler):
-                self.batch_in_epoch += 1
-                self.skipped_images += batch["num_skipped"]
-                if len(batch["images"]) >= 2:
-                    micro.append(batch)
-                if len(micro) < t.grad_accum_steps:
-                    continue
-                metrics, micro = self._train_step(micro), []
-                if metrics is None:
-                    self.bad_steps += 1
-                    _log(ctx, f"warning: non-finite loss at step {self.step}; step skipped "
-                              f"({self.bad_steps}/{t.max_bad_steps} in a row)")
-                    if self.bad_steps >= t.max_bad_steps:
-                        raise TrainingDiverged(f"training diverged: {self.bad_steps} non-finite losses in a row at "
-                                               f"step {self.step}; the last checkpoint in {self.run_dir} is intact; "
-                                               "lower train.learning_rate and resume")
-                    continue
-                self.bad_steps = 0
-                self.step += 1
-                window = (window + [metrics])[-50:]
-                warned = self._guard_chance(window, warned)
-                bar.update(1)
-                bar.set_postfix({k: f"{metrics[k]:.3f}" for k in BAR_KEYS}, refresh=False)
-                if self.step % t.log_every_steps == 0:
-                    self._write_metrics({"step": self.step, "epoch": self.epoch,
-                                         "lr": self.lr_schedule.get_last_lr()[0], **metrics})
-                if t.val_every_steps and self.step % t.val_every_steps == 0:
-                    self._after_validation(self.validate())
-                    last_val_step = self.step
-                if self.step % t.save_every_steps == 0 and ctx.is_main:
-                    self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
-                if self.step >= self.total_steps or time.time() > deadline:
-                    stop = True
-                    break
-            if not stop:
-                if self.skipped_images:
-                    _log(ctx, f"epoch {self.epoch}: {self.skipped_images} unreadable images skipped so far")
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                if not t.val_every_steps:
-                    self._after_validation(self.validate())
-                    last_val_step = self.step
-        bar.close()
+        window, warned, last_val_step, stop, save_after_epoch = [], False, -1, False, False
+        try:
+            while self.step < self.total_steps and not stop:
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                if hasattr(self.train_set, "set_epoch"):
+                    self.train_set.set_epoch(self.epoch)
+                micro = []
+                for batch in self._loader(self.train_set, self.sampler):
+                    self.batch_in_epoch += 1
+                    self.skipped_images += batch["num_skipped"]
+                    if len(batch["images"]) >= 2:
+                        micro.append(batch)
+                    if len(micro) < t.grad_accum_steps:
+                        continue
+                    metrics, micro = self._train_step(micro), []
+                    if metrics is None:
+                        self.bad_steps += 1
+                        _log(ctx, f"warning: non-finite loss at step {self.step}; step skipped "
+                                  f"({self.bad_steps}/{t.max_bad_steps} in a row)")
+                        if self.bad_steps >= t.max_bad_steps:
+                            raise TrainingDiverged(f"training diverged: {self.bad_steps} non-finite losses in a row at "
+                                                   f"step {self.step}; the last checkpoint in {self.run_dir} is intact; "
+                                                   "lower train.learning_rate and resume")
+                        continue
+                    self.bad_steps = 0
+                    self.step += 1
+                    window = (window + [metrics])[-50:]
+                    warned = self._guard_chance(window, warned)
+                    bar.update(1)
+                    bar.set_postfix({k: f"{metrics[k]:.3f}" for k in BAR_KEYS}, refresh=False)
+                    if self.step % t.log_every_steps == 0:
+                        self._write_metrics({"step": self.step, "epoch": self.epoch,
+                                             "lr": self.lr_schedule.get_last_lr()[0], **metrics})
+                    if t.val_every_steps and self.step % t.val_every_steps == 0:
+                        self._after_validation(self.validate())
+                        last_val_step = self.step
+                    if self.step % t.save_every_steps == 0 and ctx.is_main:
+                        if self.batch_in_epoch < self.sampler.batches_per_epoch:
+                            self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                        else:
+                            save_after_epoch = True
+                    if self.step >= self.total_steps or time.time() > deadline:
+                        stop = True
+                        break
+                if not stop:
+                    if self.skipped_images:
+                        _log(ctx, f"epoch {self.epoch}: {self.skipped_images} unreadable images skipped so far")
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    if not t.val_every_steps:
+                        self._after_validation(self.validate())
+                        last_val_step = self.step
+                    if save_after_epoch:
+                        self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                        save_after_epoch = False
+        finally:
+            bar.close()
         if last_val_step != self.step:
             self._after_validation(self.validate())
         if ctx.is_main:
