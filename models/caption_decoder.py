@@ -144,6 +144,8 @@ class CaptionDecoder(nn.Module):
         eos, done, cache = int(self.vocab_index[self.eos_id]), torch.zeros(B, dtype=torch.bool, device=memory.device), None
         for position in range(max_length - 1):
             logits, cache = self.step(vocab[:, -1:], memory, cache, position)
+            # Training never targets BOS or PAD, so they are never a next token.
+            logits[:, [int(self.vocab_index[self.bos_id]), int(self.vocab_index[self.pad_id])]] = float("-inf")
             next_token = logits.argmax(-1).masked_fill(done, int(self.vocab_index[self.pad_id]))
             vocab = torch.cat([vocab, next_token[:, None]], dim=1)
             done |= next_token == eos
