@@ -17,6 +17,8 @@ import torch.nn as nn
 from configs.errors import UserError
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# Duet's image decoder has no place in diffusers' layout: its adapter (peft keys) goes in a file of its own.
+DECODER_WEIGHT_NAME = "image_decoder_lora.safetensors"
 ADAPTER_NAME = "default"
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")  # every attention projection, as diffusers' scripts do
 # Attention projections per text-encoder family: our BERT, and the CLIP text model of Stable Diffusion.
@@ -34,19 +36,27 @@ def text_target_modules(text_encoder: nn.Module) -> list[str]:
                     "attention projections; train without --train-text-encoder")
 
 
-def add_lora(module: nn.Module, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...]) -> int:
-    """Freezes `module` (a diffusers UNet or a transformers text model) and adds a trainable LoRA adapter.
+def conv_target_modules(module: nn.Module) -> list[str]:
+    """Names of a plain module's Conv2d layers (peft has no LoRA for ConvTranspose2d, which keeps its weights)."""
+    return [name for name, layer in module.named_modules() if isinstance(layer, nn.Conv2d)]
 
-    Returns the number of adapter parameters. lora_B starts at zero, so the adapted model equals the base at step 0.
-    """
-    from peft import LoraConfig
+
+def add_lora(module: nn.Module, rank: int, alpha: float, target_modules: list[str] | tuple[str, ...]) -> int:
+    """Freezes `module` (a diffusers UNet, a transformers text model or a plain nn.Module) and adds a trainable LoRA
+    adapter. Returns the number of adapter parameters. lora_B starts at zero: at step 0 the model is the base."""
+    from peft import LoraConfig, inject_adapter_in_model
 
     if rank <= 0 or alpha <= 0:
         raise UserError(f"LoRA rank and alpha must be > 0, got rank={rank}, alpha={alpha}")
     module.requires_grad_(False)
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
     try:
-        module.add_adapter(config)  # diffusers' PeftAdapterMixin and transformers' both offer it
+        if hasattr(module, "add_adapter"):
+            module.add_adapter(config)  # diffusers' PeftAdapterMixin and transformers' both offer it
+        else:
+            inject_adapter_in_model(config, module)
+            for name, param in module.named_parameters():
+                param.requires_grad_(".lora_" in name)
     except ValueError as err:  # peft: no module matched the target names
         raise UserError(f"LoRA target modules {list(target_modules)} match nothing in "
                         f"{type(module).__name__}: {str(err).splitlines()[0]}") from None
@@ -58,8 +68,8 @@ def has_lora(module: nn.Module | None) -> bool:
 
 
 def lora_layers(module: nn.Module, text_encoder: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter's tensors in diffusers' key layout: `<module>.lora.down/up.weight` for the UNet,
-    `<module>.lora_linear_layer.down/up.weight` for a text encoder."""
+    """The adapter's tensors in diffusers' key layout: `<module>.lora.down/up.weight` for the UNet's attention
+    (`lora_A/B` when other modules are adapted too), `<module>.lora_linear_layer.down/up.weight` for a text encoder."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -70,7 +80,11 @@ def lora_layers(module: nn.Module, text_encoder: bool = False) -> dict[str, torc
         state = {k.replace(".lora_A.", ".lora_linear_layer.down.").replace(".lora_B.", ".lora_linear_layer.up."): v
                  for k, v in state.items()}
     else:
-        state = convert_state_dict_to_diffusers(state)
+        converted = convert_state_dict_to_diffusers(state)
+        # diffusers' map renames only the attention projections; with other targets (convs, proj_in, ...) a mixed
+        # file would load half-way, so such adapters keep the PEFT layout (lora_A/B), which diffusers reads as is.
+        mixed = any(".lora_A." in k or ".lora_B." in k for k in converted)
+        state = state if mixed else converted
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -81,11 +95,14 @@ def _metadata(module: nn.Module) -> dict:
 
 
 def save_lora(folder: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None,
-              extra: dict | None = None) -> Path:
-    """Writes <folder>/pytorch_lora_weights.safetensors (+ lora_info.json with `extra`) atomically; returns the file.
+              extra: dict | None = None, image_decoder: nn.Module | None = None) -> Path:
+    """Writes <folder>/pytorch_lora_weights.safetensors (+ image_decoder_lora.safetensors when the decoder has an
+    adapter, lora_info.json with `extra`); returns the first file. Files are replaced atomically.
 
     Uses StableDiffusionLoraLoaderMixin.save_lora_weights, i.e. the exact file diffusers' training scripts write."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -96,6 +113,12 @@ def save_lora(folder: str | Path, unet: nn.Module, text_encoder: nn.Module | Non
         text_encoder_lora_layers=lora_layers(text_encoder, text_encoder=True) if text else None,
         text_encoder_lora_adapter_metadata=_metadata(text_encoder) if text else None,
         weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+    if has_lora(image_decoder):
+        config = image_decoder.peft_config[ADAPTER_NAME]
+        state = get_peft_model_state_dict(image_decoder, adapter_name=ADAPTER_NAME)
+        spec = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / DECODER_WEIGHT_NAME,
+                  metadata={"format": "pt", "lora_config": json.dumps(spec)})
     if extra is not None:
         (tmp / "lora_info.json").write_text(json.dumps(extra, indent=2))
     folder.mkdir(parents=True, exist_ok=True)
@@ -177,16 +200,49 @@ def load_lora(path: str | Path, unet: nn.Module, text_encoder: nn.Module | None 
             scale_lora_layers(module, scale)
 
 
+def load_decoder_lora(path: str | Path, image_decoder: nn.Module, scale: float = 1.0, fuse: bool = True) -> None:
+    """Loads image_decoder_lora.safetensors (peft keys, its LoraConfig in the metadata) into Duet's image decoder."""
+    from diffusers.utils.peft_utils import scale_lora_layers
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    file = Path(path) / DECODER_WEIGHT_NAME if Path(path).is_dir() else Path(path)
+    try:
+        with safe_open(file, framework="pt") as f:
+            spec = json.loads((f.metadata() or {})["lora_config"])
+        state = load_file(file)
+        config = LoraConfig(r=spec["r"], lora_alpha=spec["lora_alpha"], target_modules=spec["target_modules"])
+        inject_adapter_in_model(config, image_decoder)
+        result = set_peft_model_state_dict(image_decoder, state)
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as err:
+        raise UserError(f"decoder LoRA {file} is damaged or does not fit this model: "
+                        f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if result.unexpected_keys:
+        raise UserError(f"decoder LoRA {file} does not fit this model (first extra key: {result.unexpected_keys[0]})")
+    image_decoder.requires_grad_(False)
+    if fuse:
+        merge_lora(image_decoder, scale)
+    else:
+        scale_lora_layers(image_decoder, scale)
+
+
 def apply_lora(model, path: str | Path, scale: float = 1.0, fuse: bool = True):
-    """Applies an adapter from `specialize.py --mode finetune` to a loaded DuetModel (its UNet, plus its BERT when the
-    adapter adapts one); `scale` weighs the adapter (0: the base model). Returns the model."""
+    """Applies an adapter from `specialize.py --mode finetune` to a loaded DuetModel: its UNet, plus its BERT and image
+    decoder when the adapter adapts them; `scale` weighs the adapter (0: the base model). Returns the model."""
     device = next(model.parameters()).device
     load_lora(path, model.diffusion.unet, model.text_encoder.bert, scale=scale, fuse=fuse)
+    decoder_file = lora_file(path).parent / DECODER_WEIGHT_NAME
+    if decoder_file.is_file():
+        load_decoder_lora(decoder_file, model.image_decoder, scale=scale, fuse=fuse)
     return model.to(device)
 
 
 def adapter_size(path: str | Path, unet: nn.Module) -> dict:
-    """{adapter_bytes (the file), unet_bytes (the base UNet's tensors), ratio}: what `--rank` costs on disk."""
-    adapter = lora_file(path).stat().st_size
+    """{adapter_bytes (the adapter files together), unet_bytes (the base UNet's tensors), ratio, files}: what
+    `--rank` costs on disk."""
+    main = lora_file(path)
+    files = {f.name: f.stat().st_size for f in (main, main.parent / DECODER_WEIGHT_NAME) if f.is_file()}
     base = sum(t.numel() * t.element_size() for name, t in unet.state_dict().items() if "lora_" not in name)
-    return {"adapter_bytes": adapter, "unet_bytes": base, "ratio": adapter / base}
+    return {"adapter_bytes": sum(files.values()), "unet_bytes": base, "ratio": sum(files.values()) / base,
+            "files": files}

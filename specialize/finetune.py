@@ -1,0 +1,426 @@
+"""Domain fine-tuning of the text-to-image half: LoRA (peft, in diffusers' layout) or full, on a COCO-format set.
+
+`python specialize.py --mode finetune [--checkpoint DIR | --backend sd --model-path SD] [--full] [--rank 8] ...`
+trains only the denoising loss on latents of the frozen image encoder (diffusers' train_text_to_image_lora.py
+recipe) and writes <out>/finetune/: pytorch_lora_weights.safetensors + lora_info.json (LoRA), model/ (full),
+merged/ (LoRA with --merge), finetune_report.json, and resumable checkpoint-N/ folders with a `latest` pointer.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from configs.errors import UserError
+from models.lora import UNET_TARGET_MODULES
+
+TRAINABLE_FILE, STATE_FILE, SETTINGS_FILE = "trainable.safetensors", "trainer_state.pt", "settings.json"
+REPORT_FILE = "finetune_report.json"
+KEEP_CHECKPOINTS = 2
+MAX_BAD_STEPS = 5         # consecutive NaN/Inf losses before giving up
+# Settings a resumed run may change; every other one must match the checkpoint's.
+RESUMABLE_CHANGES = {"max_steps", "max_minutes", "save_every", "num_workers", "merge"}
+
+
+@dataclass
+class FinetuneSettings:
+    """Everything --mode finetune needs beyond the base model and the data."""
+    full: bool = False
+    rank: int = 8
+    alpha: float = 0.0               # 0: equal to rank (scale 1)
+    target_modules: tuple[str, ...] = UNET_TARGET_MODULES
+    train_text_encoder: bool = False
+    train_decoder: bool = False      # Duet: also adapt the image decoder (LoRA on its convs; with full, all of it)
+    lr: float = 0.0                  # 0: 1e-3 for LoRA, 5e-5 for full fine-tuning
+    weight_decay: float = 1e-2
+    warmup_steps: int = 20
+    batch_size: int = 32
+    max_steps: int = 0               # 0: max_minutes decides
+    max_minutes: float = 10.0        # training time across resumes; 0: no limit
+    max_grad_norm: float = 1.0
+    save_every: int = 100
+    mixed_precision: str = "auto"    # auto: bf16 on CUDA, none on CPU
+    limit_train: int = 0
+    num_workers: int = 0
+    merge: bool = False
+    seed: int = 0
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (5e-5 if self.full else 1e-3)
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha or float(self.rank)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of --mode finetune (the launcher owns --checkpoint, --backend, --model-path, --dataset, --out, ...)."""
+    d = FinetuneSettings()
+    g = parser.add_argument_group("fine-tuning (--mode finetune)")
+    g.add_argument("--full", action="store_true", help="fine-tune every UNet weight instead of a LoRA adapter")
+    g.add_argument("--rank", type=int, default=d.rank, help="LoRA rank")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (0: equal to --rank)")
+    g.add_argument("--target-modules", default=",".join(d.target_modules),
+                   help="comma-separated UNet module names that get LoRA")
+    g.add_argument("--train-text-encoder", action="store_true",
+                   help="also adapt the text encoder (LoRA on its attention; with --full, all of it)")
+    g.add_argument("--train-decoder", action="store_true",
+                   help="duet: also adapt the image decoder to the domain by reconstruction (LoRA on its convs; with "
+                        "--full, all of it); the encoder stays frozen, so the latents keep their meaning")
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate (0: 1e-3 for LoRA, 5e-5 for --full)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (0: --max-minutes decides)")
+    g.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="training time, summed over resumes (0: no limit)")
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: off)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear LR warmup, then constant")
+    g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
+    g.add_argument("--resume", help="'latest' or a checkpoint-N folder of <out>/finetune")
+    g.add_argument("--merge", action="store_true", help="also write merged/, a full model with the adapter folded in")
+    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=("auto", "no", "bf16", "fp16"),
+                   help="autocast on CUDA only (on CPU low precision is far slower)")
+    g.add_argument("--limit-train", type=int, default=d.limit_train, help="first N training images (0: all)")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
+    add_shared_argument(parser, "--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
+
+
+def add_shared_argument(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
+    """Adds a flag that several modes read, unless another mode's add_arguments added it already."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass  # registered by another mode; the value is shared
+
+
+def settings_from_args(args) -> FinetuneSettings:
+    targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    s = FinetuneSettings(full=args.full, rank=args.rank, alpha=args.alpha, target_modules=targets,
+                         train_text_encoder=args.train_text_encoder, train_decoder=args.train_decoder, lr=args.lr,
+                         warmup_steps=args.warmup_steps,
+                         batch_size=args.batch_size, max_steps=args.max_steps, max_minutes=args.max_minutes,
+                         max_grad_norm=args.max_grad_norm, save_every=args.save_every,
+                         mixed_precision=args.mixed_precision, limit_train=args.limit_train,
+                         num_workers=args.num_workers, merge=args.merge, seed=args.seed)
+    if not s.full and s.rank <= 0:
+        raise UserError(f"--rank must be a positive integer, got {s.rank}")
+    if s.train_decoder and args.backend != "duet":
+        raise UserError("--train-decoder adapts Duet's image decoder; Stable Diffusion's VAE is not supported")
+    if s.alpha < 0 or s.lr < 0:
+        raise UserError("--alpha and --lr must not be negative (0 picks the default)")
+    if not s.full and not targets:
+        raise UserError("--target-modules is empty; name UNet modules, e.g. to_q,to_k,to_v,to_out.0")
+    for flag, value in (("--batch-size", s.batch_size), ("--max-steps", s.max_steps + 1),
+                        ("--save-every", s.save_every + 1), ("--warmup-steps", s.warmup_steps + 1),
+                        ("--limit-train", s.limit_train + 1), ("--num-workers", s.num_workers + 1)):
+        if value < 1:
+            raise UserError(f"{flag} must be {'>= 1' if flag == '--batch-size' else '>= 0'}")
+    if s.max_minutes < 0 or s.max_grad_norm < 0:
+        raise UserError("--max-minutes and --max-grad-norm must not be negative")
+    return s
+
+
+def default_base_checkpoint(out_dir: Path) -> Path:
+    """The newest checkpoint under outputs/, unless that is one of our own outputs (a merged model)."""
+    from models.checkpoint import find_latest_checkpoint
+
+    found = find_latest_checkpoint("outputs")
+    if out_dir.resolve() in found.resolve().parents:
+        raise UserError(f"the newest checkpoint under outputs/ is a fine-tuning output ({found}); "
+                        "pass the base model with --checkpoint")
+    return found
+
+
+def build_train_set(tunable, args, settings: FinetuneSettings):
+    """The domain's training split, tokenised for the tunable's text model at its image size."""
+    from configs.schema import DuetConfig
+    from data.datasets import build_split
+    from specialize.targets import resolve_dataset_folder
+
+    cfg = DuetConfig()  # data defaults, not the base model's training data
+    cfg.data.dataset, cfg.data.root, cfg.data.limit_train = args.dataset, args.data_root, settings.limit_train
+    cfg.model.image_size, cfg.model.max_caption_len = tunable.image_size, tunable.max_caption_len
+    cfg.train.seed, cfg.train.num_workers = settings.seed, settings.num_workers
+    # The folder the other modes use too: an existing fashion set is never regenerated with other counts.
+    folder = resolve_dataset_folder(args.dataset, args.data_root)
+    name = "fashion" if args.dataset == "fashion" else str(folder)
+    # One caption per image per epoch: an epoch is then one pass over the images.
+    train = build_split(cfg, name, folder, cfg.data.train_split, tunable.tokenizer, settings.limit_train, "random")
+    if len(train) == 0:
+        raise UserError(f"the training split of {folder} holds no readable image with a caption")
+    return train
+
+
+class FineTuner:
+    """Owns the trainable parameters, optimizer, schedule, data order and checkpoints of one fine-tuning run."""
+
+    def __init__(self, tunable, train_set, settings: FinetuneSettings, out_dir: Path, device: torch.device,
+                 dataset: str = ""):
+        from models.lora import add_lora, conv_target_modules, text_target_modules
+        from training.state import EpochSampler
+
+        self.tunable, self.train_set, self.s, self.out_dir, self.device = tunable, train_set, settings, out_dir, device
+        self.dataset = dataset
+        torch.manual_seed(settings.seed)
+        for module in tunable.frozen_modules():
+            module.requires_grad_(False).eval()
+        self.trained: dict[str, torch.nn.Module] = {"unet": tunable.unet}
+        decoder = tunable.model.image_decoder if settings.train_decoder else None
+        if settings.full:
+            tunable.unet.requires_grad_(True)
+            if settings.train_text_encoder:
+                for i, module in enumerate(tunable.full_text_modules()):
+                    module.requires_grad_(True)
+                    self.trained[f"text{i}"] = module
+            if decoder is not None:
+                self.trained["decoder"] = decoder.requires_grad_(True)
+        else:
+            add_lora(tunable.unet, settings.rank, settings.lora_alpha, settings.target_modules)
+            if settings.train_text_encoder:
+                add_lora(tunable.text_encoder, settings.rank, settings.lora_alpha,
+                         text_target_modules(tunable.text_encoder))
+                self.trained["text"] = tunable.text_encoder
+            if decoder is not None:
+                add_lora(decoder, settings.rank, settings.lora_alpha, conv_target_modules(decoder))
+                self.trained["decoder"] = decoder
+        for module in self.trained.values():
+            module.train()
+        self.params = {f"{prefix}.{name}": p for prefix, module in self.trained.items()
+                       for name, p in module.named_parameters() if p.requires_grad}
+        self.batch_size = min(settings.batch_size, len(train_set))
+        self.sampler = EpochSampler(len(train_set), self.batch_size, settings.seed)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=settings.learning_rate,
+                                           weight_decay=settings.weight_decay)
+        warmup = max(1, settings.warmup_steps)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
+        self.losses: list[float] = []
+        self.autocast = self._autocast()
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def _autocast(self):
+        """bf16 (or fp16) autocast on CUDA only: on these CPUs low-precision matmul is far slower than fp32."""
+        mode = self.s.mixed_precision
+        if self.device.type != "cuda" or mode == "no":
+            return contextlib.nullcontext
+        dtype = torch.float16 if mode == "fp16" else torch.bfloat16
+        return lambda: torch.autocast("cuda", dtype=dtype)
+
+    def identity(self) -> dict:
+        """The settings a checkpoint must share with the run that resumes it."""
+        same = {k: v for k, v in asdict(self.s).items() if k not in RESUMABLE_CHANGES}
+        return {**same, "target_modules": list(self.s.target_modules), "base": self.tunable.source,
+                "backend": self.tunable.name, "dataset": self.dataset, "train_size": len(self.train_set)}
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """checkpoint-<step>/ (trainable weights, optimizer, schedule, RNG, data position), written atomically."""
+        from safetensors.torch import save_file
+
+        from models.checkpoint import replace_dir
+        from training.state import rng_state, rotate_checkpoints, write_latest
+
+        folder = self.out_dir / f"checkpoint-{self.step:06d}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({k: p.detach().cpu().contiguous() for k, p in self.params.items()}, tmp / TRAINABLE_FILE)
+        torch.save({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                    "elapsed": self.elapsed, "losses": self.losses, "optimizer": self.optimizer.state_dict(),
+                    "lr_schedule": self.lr_schedule.state_dict(), "rng": rng_state()}, tmp / STATE_FILE)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(self.identity(), indent=2))
+        replace_dir(tmp, folder)
+        write_latest(self.out_dir, folder)
+        rotate_checkpoints(self.out_dir, KEEP_CHECKPOINTS)
+        return folder
+
+    def restore(self, folder: Path) -> None:
+        """Loads a checkpoint of the same settings (UserError naming the first difference otherwise)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from training.state import restore_rng_state
+
+        try:
+            saved = json.loads((folder / SETTINGS_FILE).read_text())
+            weights = load_file(folder / TRAINABLE_FILE)
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, EOFError) as err:
+            raise UserError(f"--resume: {folder} is not a complete fine-tuning checkpoint "
+                            f"({type(err).__name__}); resume from an earlier one") from None
+        mine = json.loads(json.dumps(self.identity()))
+        for key, value in mine.items():
+            if saved.get(key) != value:
+                raise UserError(f"--resume: {folder} was trained with {key}={saved.get(key)!r}, this run has "
+                                f"{value!r}; use the same settings or start afresh in another --out")
+        if set(weights) != set(self.params):
+            raise UserError(f"--resume: {folder} holds other trainable weights than this run")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name].to(param.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.elapsed, self.losses = state["elapsed"], list(state["losses"])
+        restore_rng_state(state["rng"])
+
+    # --- training ----------------------------------------------------------------------------------------------
+    def _done(self) -> bool:
+        s = self.s
+        return (s.max_steps and self.step >= s.max_steps) or (s.max_minutes and self.elapsed >= s.max_minutes * 60)
+
+    def _batches(self):
+        """Batches from the current data position on, epoch after epoch."""
+        from torch.utils.data import DataLoader
+
+        from data.collate import collate_captions
+
+        while True:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            self.train_set.set_epoch(self.epoch)
+            # Its own generator: a fresh iterator must not draw from the global RNG, or resume would diverge.
+            loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
+                                collate_fn=collate_captions, num_workers=self.s.num_workers,
+                                generator=torch.Generator().manual_seed(self.s.seed))
+            yield from loader  # train() counts batch_in_epoch, so a checkpoint never counts a batch twice
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        s, bad_steps = self.s, 0
+        total = s.max_steps or None
+        bar = tqdm(total=total, initial=self.step, desc="finetune", dynamic_ncols=True, file=sys.stderr)
+        batches = self._batches()
+        while not self._done():
+            started = time.perf_counter()
+            batch = next(batches)
+            self.batch_in_epoch += 1
+            if batch["images"].shape[0] == 0:
+                continue  # every image of the batch was unreadable
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with self.autocast():
+                loss = self.tunable.loss(batch, train_text=s.train_text_encoder, train_decoder=s.train_decoder)
+            if not torch.isfinite(loss):
+                bad_steps += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise UserError(f"the loss was NaN/Inf {bad_steps} steps in a row; lower --lr "
+                                    f"(now {s.learning_rate:g}) and resume from the last checkpoint")
+                continue
+            bad_steps = 0
+            loss.backward()
+            if s.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(self.params.values(), s.max_grad_norm)
+            self.optimizer.step()
+            self.lr_schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.losses.append(round(float(loss.detach()), 5))
+            self.elapsed += time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}",
+                            minutes=f"{self.elapsed / 60:.1f}")
+            if s.save_every and self.step % s.save_every == 0 and not self._done():
+                self.save()
+        bar.close()
+        self.save()
+
+    # --- outputs -----------------------------------------------------------------------------------------------
+    def export(self) -> dict:
+        """Writes the adapter (LoRA) or the tuned model (full), and merged/ on request; returns their paths."""
+        from models.lora import adapter_size, merge_lora, save_lora
+
+        t, outputs = self.tunable, {}
+        for module in self.trained.values():
+            module.eval()
+        if self.s.full:
+            outputs["model"] = str(t.save_model(self.out_dir / "model"))
+            return outputs
+        info = {"base": t.source, "backend": t.name, "rank": self.s.rank, "alpha": self.s.lora_alpha,
+                "target_modules": list(self.s.target_modules), "train_text_encoder": self.s.train_text_encoder,
+                "train_decoder": self.s.train_decoder, "steps": self.step, "dataset": self.dataset,
+                "note": "trained on the base's EMA UNet when it has one; apply with models.lora.apply_lora"}
+        path = save_lora(self.out_dir, t.unet, t.text_encoder if self.s.train_text_encoder else None, extra=info,
+                         image_decoder=self.trained.get("decoder"))
+        outputs["adapter"] = str(path)
+        outputs["adapter_size"] = adapter_size(path, t.unet)
+        if self.s.merge:
+            merge_lora(t.unet)
+            for name in ("text", "decoder"):
+                if name in self.trained:
+                    merge_lora(self.trained[name])
+            outputs["merged"] = str(t.save_model(self.out_dir / "merged"))
+        return outputs
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 5) if values else None
+
+
+def run(args) -> dict:
+    """--mode finetune: loads the base and the domain data, trains, writes <out>/finetune/; returns the report."""
+    from specialize.backends import resolve_device
+    from specialize.tunable import load_tunable, quiet_library_progress
+    from training.state import resolve_resume
+
+    quiet_library_progress()
+    settings = settings_from_args(args)
+    device = resolve_device(getattr(args, "device", "auto"))
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out) / "finetune"
+    resume_dir = resolve_resume(args.resume, out_dir) if getattr(args, "resume", None) else None
+    if args.backend == "duet" and not args.checkpoint:
+        args.checkpoint = str(default_base_checkpoint(out_dir))
+    tunable = load_tunable(args, device)
+    train_set = build_train_set(tunable, args, settings)
+    load_before = os.getloadavg()
+    tuner = FineTuner(tunable, train_set, settings, out_dir, device, dataset=args.dataset)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if resume_dir is not None:
+        tuner.restore(resume_dir)
+    start_step = tuner.step
+    print(f"finetune: {'full' if settings.full else f'LoRA rank {settings.rank}'} on {tunable.name} base "
+          f"{tunable.source}, {tuner.trainable_params:,} trainable parameters, {len(train_set)} images, "
+          f"batch {tuner.batch_size}, lr {settings.learning_rate:g}, device {device}"
+          + (f", resuming at step {start_step}" if resume_dir else ""), file=sys.stderr)
+    tuner.train()
+    outputs = tuner.export()
+    tenth = max(1, len(tuner.losses) // 10)
+    report = {
+        "backend": tunable.name, "base": tunable.source, "dataset": args.dataset,
+        "method": "full" if settings.full else "lora", "settings": {**asdict(settings),
+                                                                    "learning_rate": settings.learning_rate,
+                                                                    "lora_alpha": settings.lora_alpha},
+        "trainable_params": tuner.trainable_params, "train_images": len(train_set), "batch_size": tuner.batch_size,
+        "steps": tuner.step, "resumed_from_step": start_step if resume_dir else None,
+        "images_seen": tuner.step * tuner.batch_size,
+        "epochs": round(tuner.step * tuner.batch_size / len(train_set), 3),
+        "train_minutes": round(tuner.elapsed / 60, 3),
+        "seconds_per_step": round(tuner.elapsed / tuner.step, 4) if tuner.step else None,
+        "loss_first_10pct": _mean(tuner.losses[:tenth]), "loss_last_10pct": _mean(tuner.losses[-tenth:]),
+        "device": str(device), "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "outputs": outputs,
+    }
+    from specialize.prompt_report import write_json
+
+    write_json(out_dir / REPORT_FILE, report)
+    size = outputs.get("adapter_size")
+    print(f"finetune: {tuner.step} steps in {report['train_minutes']} min, loss {report['loss_first_10pct']} -> "
+          f"{report['loss_last_10pct']}" + (f", adapter {size['adapter_bytes'] / 1e6:.2f} MB = "
+                                              f"{100 * size['ratio']:.2f}% of the UNet" if size else "")
+          + f"; outputs in {out_dir}", file=sys.stderr)
+    return report

@@ -1,0 +1,74 @@
+"""Domain specialisation launcher: `python specialize.py --mode prompt|finetune|compare|all [--checkpoint DIR] ...`.
+
+prompt: optimise prompts for a domain, weights untouched (specialize/prompt_opt.py); finetune: LoRA or full
+fine-tune (specialize/finetune.py); compare: base vs tuned (specialize/compare.py); all: the three in turn.
+Each mode module registers its own flags with `add_arguments(parser)` and runs with `run(args)`. The repo-root
+specialize.py only calls main() here (a top-level module cannot share the package's name and be imported).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders, never the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from configs.errors import UserError  # noqa: E402
+
+MODES = ("prompt", "finetune", "compare")
+MODULES = {"prompt": "specialize.prompt_opt", "finetune": "specialize.finetune", "compare": "specialize.compare"}
+
+
+def mode_module(mode: str, required: bool = True):
+    """The module behind a mode, or None when it is not installed and not required."""
+    try:
+        return importlib.import_module(MODULES[mode])
+    except ModuleNotFoundError as err:
+        if err.name != MODULES[mode]:
+            raise  # a missing dependency inside the module is a bug to see, not a missing mode
+        if required:
+            raise UserError(f"--mode {mode} is not available in this checkout ({MODULES[mode]} is missing)") from None
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", required=True, choices=(*MODES, "all"))
+    parser.add_argument("--checkpoint", help="Duet checkpoint folder (default: the newest under outputs/)")
+    parser.add_argument("--backend", default="duet", choices=("duet", "sd"),
+                        help="duet: our checkpoint; sd: Stable Diffusion (--model-path) + CLIP (--clip-path)")
+    parser.add_argument("--model-path", help="local diffusers Stable Diffusion v1.5 folder (--backend sd)")
+    parser.add_argument("--clip-path", help="local HF CLIP or FashionCLIP folder (--backend sd)")
+    parser.add_argument("--dataset", default="fashion", help="fashion (tinted Fashion-MNIST) or a COCO-format folder")
+    parser.add_argument("--data-root", default="data", help="where the fashion set lives or is generated")
+    parser.add_argument("--out", default="outputs/specialize", help="results go to <out>/<mode>/")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
+    for mode in MODES:
+        module = mode_module(mode, required=False)
+        if module is not None and hasattr(module, "add_arguments"):
+            module.add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.threads > 0:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        for mode in (MODES if args.mode == "all" else (args.mode,)):
+            mode_module(mode).run(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
