@@ -46,7 +46,7 @@ class FinetuneSettings:
     max_minutes: float = 10.0        # training time across resumes; 0: no limit
     max_grad_norm: float = 1.0
     save_every: int = 100
-    mixed_precision: str = "auto"    # auto: bf16 on CUDA, none on CPU
+    mixed_precision: str = "auto"    # auto | bf16: bf16 autocast on CUDA, none on CPU; no: fp32 everywhere
     limit_train: int = 0
     num_workers: int = 0
     merge: bool = False
@@ -85,8 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
     g.add_argument("--resume", help="'latest' or a checkpoint-N folder of <out>/finetune")
     g.add_argument("--merge", action="store_true", help="also write merged/, a full model with the adapter folded in")
-    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=("auto", "no", "bf16", "fp16"),
-                   help="autocast on CUDA only (on CPU low precision is far slower)")
+    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=("auto", "no", "bf16"),
+                   help="bf16 autocast on CUDA only (on CPU low precision is far slower); auto: bf16 on CUDA")
     g.add_argument("--limit-train", type=int, default=d.limit_train, help="first N training images (0: all)")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
     add_shared_argument(parser, "--threads", type=int, default=0,
@@ -210,12 +210,11 @@ class FineTuner:
         return sum(p.numel() for p in self.params.values())
 
     def _autocast(self):
-        """bf16 (or fp16) autocast on CUDA only: on these CPUs low-precision matmul is far slower than fp32."""
-        mode = self.s.mixed_precision
-        if self.device.type != "cuda" or mode == "no":
+        """bf16 autocast on CUDA only: on these CPUs low-precision matmul is far slower than fp32. Weights and the
+        optimizer stay fp32; bf16 needs no loss scaler."""
+        if self.device.type != "cuda" or self.s.mixed_precision == "no":
             return contextlib.nullcontext
-        dtype = torch.float16 if mode == "fp16" else torch.bfloat16
-        return lambda: torch.autocast("cuda", dtype=dtype)
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
     def identity(self) -> dict:
         """The settings a checkpoint must share with the run that resumes it."""
