@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 CELL = 112           # pixels per image in the contact sheet
 CAPTION_LINES = 3    # prompt text lines under each image
+SHEET_ROWS = 8       # targets per column block
 
 
 def write_json(path: Path, tree: dict) -> None:
@@ -96,22 +97,25 @@ def to_pil(image: torch.Tensor, size: int = CELL) -> Image.Image:
 
 
 def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, str, str]], path: Path) -> Path:
-    """rows of (target, naive image, optimised image, and the text under each) -> a PNG."""
+    """rows of (target, naive image, optimised image, and the text under each) -> a PNG; more than
+    SHEET_ROWS rows wrap into side-by-side blocks of target | naive | optimised."""
     font = ImageFont.load_default(size=10)  # Pillow's bundled scalable font (the bitmap one drops spaces)
     line_h, chars = 12, CELL // 5
-    header, text_h = 14, CAPTION_LINES * line_h + 4
-    sheet = Image.new("RGB", (3 * CELL + 4 * 4, header + len(rows) * (CELL + text_h + 4)), "white")
+    header, row_h = 14, CELL + CAPTION_LINES * line_h + 8
+    block_w = 3 * (CELL + 4) + 12
+    blocks = max(1, -(-len(rows) // SHEET_ROWS))
+    sheet = Image.new("RGB", (blocks * block_w, header + min(len(rows), SHEET_ROWS) * row_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for col, title in enumerate(("target", "naive", "optimised")):
-        draw.text((4 + col * (CELL + 4), 1), title, fill="black", font=font)
     for r, (target, naive, best, label, naive_text, best_text) in enumerate(rows):
-        top = header + r * (CELL + text_h + 4)
-        for col, (image, text) in enumerate(((target, label), (naive, naive_text), (best, best_text))):
-            left = 4 + col * (CELL + 4)
+        block, top = r // SHEET_ROWS, header + (r % SHEET_ROWS) * row_h
+        cells = ((target, label, "target"), (naive, naive_text, "naive"), (best, best_text, "optimised"))
+        for col, (image, text, title) in enumerate(cells):
+            left = block * block_w + 4 + col * (CELL + 4)
+            if r % SHEET_ROWS == 0:
+                draw.text((left, 1), title, fill="black", font=font)
             sheet.paste(to_pil(image), (left, top))
             for i, line in enumerate(textwrap.wrap(text, chars)[:CAPTION_LINES]):
                 draw.text((left, top + CELL + 2 + i * line_h), line, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
     return path
-
