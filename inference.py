@@ -32,8 +32,8 @@ EMBED_BATCH = 64  # images or texts per forward pass in embed_*
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None: CUDA when present, else CPU. Asking for CUDA without a GPU is a UserError."""
-    if device is None:
+    """None or 'auto': CUDA when present, else CPU. Asking for CUDA without a GPU is a UserError."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)

@@ -24,6 +24,7 @@ from evaluation.generation import (embed_tokens, generate_for_prompts, generated
 from evaluation.report import write_report
 from evaluation.retrieval import retrieval_metrics, top_matches
 from evaluation.retrieval_examples import retrieval_examples_png
+from inference import resolve_device
 from models.checkpoint import find_latest_checkpoint, load_checkpoint
 from models.diffusion import sampling_scheduler
 from training.figures import loss_curve_png, sample_sheet_png, to_pil
@@ -45,14 +46,6 @@ class Stopwatch:
         self.seconds[name] = round(now - self._start, 2)
         self._start = now
         print(f"{name}: {note} ({self.seconds[name]:.1f} s)", flush=True)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
 
 
 def image_entries(folder: Path, split: str) -> dict[int, dict]:

@@ -15,18 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.errors import UserError
+from inference import resolve_device
 
 _WORD_PIECE = re.compile(r"^[a-z]+$")          # BERT whole-word tokens ("##ing", "[unused3]", "," excluded)
 _CLIP_WORD = re.compile(r"^[a-z]+</w>$")       # CLIP BPE tokens that end a word
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
 
 
 def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
