@@ -1,6 +1,6 @@
 """Images/s of the caption loader: the uint8 memmap cache vs decoding JPEGs every epoch; prints one JSON object.
 
-python bench/data_loader.py [--images 300] [--image-size 64] [--threads 1] [--embedded data/embedded]
+python bench/data_loader.py [--images 300] [--image-size 64] [--threads 1] [--embedded data/embedded-20000x2000-seed0-v2]
 Writes a few hundred photo-sized JPEGs to a temp COCO-layout folder; with --embedded, also times building the
 cache of that (already generated) folder's train split from scratch.
 """

@@ -201,7 +201,8 @@ def read_manifest(cache_dir: Path) -> dict | None:
 class CachedCocoCaptions(CocoCaptions):
     """CocoCaptions served from a cache folder: the same samples, with the unreadable images left out.
 
-    `skipped` lists the images excluded when the cache was built ({"image_id", "file_name", "error"}).
+    `skipped` lists the images excluded when the cache was built ({"image_id", "file_name", "error"});
+    `skipped_images` counts them.
     """
 
     def __init__(self, cache_dir: str | Path, caption_mode: str = "pairs", seed: int = 0):
@@ -217,6 +218,12 @@ class CachedCocoCaptions(CocoCaptions):
         self._images = None  # opened lazily, so pickling the dataset to a spawned worker copies no pixels
         self._setup(index, np.load(self.cache_dir / "input_ids.npy"), np.load(self.cache_dir / "attention_mask.npy"),
                     manifest["image_shape"][0], caption_mode, seed, manifest["special_ids"])
+
+    @property
+    def skipped_images(self) -> int:
+        """Unreadable images found when the cache was built; they never reach a batch, so a count of the None
+        samples a loader yields misses them (it is 0 here)."""
+        return len(self.skipped)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

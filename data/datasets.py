@@ -11,6 +11,7 @@ from configs.errors import UserError
 from data.coco import CocoCaptions, coco_missing_error, resolve_split_files
 
 NAMED_DATASETS = ("coco", "embedded", "fashion")
+GENERATED_DATASETS = ("embedded", "fashion")  # written by this project, one folder per parameter set
 
 
 def coco_folder(cfg) -> Path:
@@ -31,6 +32,23 @@ def resolve_dataset_name(cfg) -> str:
         raise UserError(f"data.dataset '{name}' is neither auto, {', '.join(NAMED_DATASETS)} nor an existing folder "
                         f"(a COCO-format folder holds captions_train.json and train/)")
     return name
+
+
+def dataset_path(cfg, name: str) -> Path:
+    """Where a resolved dataset's folder is, or will be once generated; generates and checks nothing."""
+    root = Path(cfg.data.root)
+    if name == "coco":
+        return coco_folder(cfg)
+    if name == "embedded":
+        from data.embedded import embedded_folder
+
+        return embedded_folder(root, cfg.data.embedded_train_images, cfg.data.embedded_val_images,
+                               cfg.data.embedded_seed)
+    if name == "fashion":
+        from data.fashion import fashion_folder
+
+        return fashion_folder(root, cfg.data.fashion_train_images, cfg.data.fashion_val_images, cfg.data.fashion_tints)
+    return Path(name)
 
 
 def dataset_folder(cfg, name: str) -> Path:
@@ -55,12 +73,38 @@ def dataset_folder(cfg, name: str) -> Path:
     return Path(name)
 
 
-def _cache_name(name: str) -> str:
-    """A folder dataset is cached under its base name plus a hash of its path, so two 'images/' never collide."""
+def safe_dataset_name(name: str) -> str:
+    """A resolved dataset's name as one safe folder name: a named dataset is itself; a folder is its base name plus
+    a hash of its resolved path, so two 'images/' never collide and an absolute path never escapes a parent."""
     if name in NAMED_DATASETS:
         return name
     path = str(Path(name).resolve())
-    return f"{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
+    return f"{Path(path).name or 'dataset'}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
+
+
+def cache_name(name: str, folder: Path) -> str:
+    """What a dataset's image cache is keyed by: a generated set's folder name carries its parameters, so the
+    default, tiny and test worlds never share (and so never evict) each other's cache."""
+    return Path(folder).name if name in GENERATED_DATASETS else safe_dataset_name(name)
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether path is folder or inside it, after resolving both (symlinks, '..', relative paths)."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def refuse_inside_dataset(path: str | Path, folder: str | Path, what: str, fix: str) -> None:
+    """UserError when an output path is, or is inside, a dataset folder (dataset_path or dataset_folder): nothing
+    may write into a user's data."""
+    if is_inside(path, folder):
+        raise UserError(f"{what} {path} is inside the dataset folder {folder}, which is never written to; {fix}")
+
+
+def skipped_at_build(dataset) -> int:
+    """Images a split left out when it was built: the cache drops unreadable ones (CachedCocoCaptions), so they
+    never reach a batch; the uncached reader finds them only when read, as None samples (0 here)."""
+    return int(getattr(dataset, "skipped_images", 0))
 
 
 def build_split(cfg, name: str, folder: Path, split: str, tokenizer, limit: int, caption_mode: str) -> CocoCaptions:
@@ -72,8 +116,11 @@ def build_split(cfg, name: str, folder: Path, split: str, tokenizer, limit: int,
         return CocoCaptions(ann_file, image_dir, **common)
     from data.cache import load_cached_captions
 
+    cache_root = Path(cfg.data.root) / "cache"
+    refuse_inside_dataset(cache_root, folder, "the image cache", "set data.root to another folder or "
+                          "data.use_cache=false")
     processes = min(os.cpu_count() or 1, max(2, cfg.train.num_workers))
-    return load_cached_captions(ann_file, image_dir, Path(cfg.data.root) / "cache", _cache_name(name), split,
+    return load_cached_captions(ann_file, image_dir, cache_root, cache_name(name, folder), split,
                                 processes=processes, **common)
 
 

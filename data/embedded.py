@@ -1,22 +1,21 @@
 """The embedded world: procedurally drawn shapes with captions, written once as a COCO-caption dataset and cached.
 
-Layout under <root>/embedded/: captions_{train,val}.json (COCO caption format; each image entry also holds its
-ground-truth "scene") and the 64x64 PNGs in train/ and val/. Every image is a pure function of (seed, split,
-index), so the same seed gives byte-identical files on any number of worker processes.
+Layout under <root>/embedded-<train>x<val>-seed<seed>-v<FORMAT_VERSION>/ (one folder per parameter set, so the
+default, tiny and test worlds live side by side): captions_{train,val}.json (COCO caption format; each image entry
+also holds its ground-truth "scene") and the 64x64 PNGs in train/ and val/. Every image is a pure function of
+(seed, split, index), so the same seed gives byte-identical files on any number of worker processes.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import multiprocessing
 import os
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from configs.errors import UserError
+from data.generated import write_once
 from data.shapes import render_shapes
 from data.world import (BACKGROUND_RGB, CANVAS_SIZE, COLOUR_RGB, COLOURS, HELD_OUT_COMBOS, PAIR_AXIS_JITTER_PX,
                         POSITION_ANCHORS, POSITION_JITTER_PX, POSITIONS, RELATIONS, SHAPES, SIZE_JITTER, SIZE_PX,
@@ -24,11 +23,10 @@ from data.world import (BACKGROUND_RGB, CANVAS_SIZE, COLOUR_RGB, COLOURS, HELD_O
 from data.world_captions import canonical_caption, write_captions
 
 # Re-exported: the world's vocabulary is part of this module's API.
-__all__ = ["COLOURS", "SHAPES", "SIZES", "POSITIONS", "RELATIONS", "HELD_OUT_COMBOS", "ensure_embedded",
-           "read_split", "sample_scene", "world_prompts"]
+__all__ = ["COLOURS", "SHAPES", "SIZES", "POSITIONS", "RELATIONS", "HELD_OUT_COMBOS", "embedded_folder",
+           "ensure_embedded", "read_split", "sample_scene", "world_prompts"]
 
-FORMAT_VERSION = 2                   # bump when drawing or captions change, so old caches regenerate
-DATASET_DIR = "embedded"
+FORMAT_VERSION = 2                   # bump when drawing or captions change: it names the folder, so a new one is made
 SPLITS = ("train", "val")
 CAPTIONS_PER_IMAGE = 5               # as in COCO
 HELD_OUT_VAL_SHARE = 0.25            # val scenes whose first object is forced to a held-out pair (else ~14%)
@@ -127,17 +125,6 @@ def _is_complete(folder: Path, manifest: dict) -> bool:
         return False
 
 
-@contextmanager
-def _locked(root: Path):
-    """One generator per root at a time (pytest -n 2 workers, two runs); the other waits, then finds it done."""
-    with open(root / ".embedded.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _generate(folder: Path, train_images: int, val_images: int, seed: int, workers: int) -> None:
     counts = {"train": train_images, "val": val_images}
     tasks = []
@@ -158,44 +145,27 @@ def _generate(folder: Path, train_images: int, val_images: int, seed: int, worke
     (folder / "manifest.json").write_text(json.dumps(_manifest(train_images, val_images, seed)))
 
 
+def embedded_folder(root: str | Path, train_images: int, val_images: int, seed: int = 0) -> Path:
+    """Where the world of these parameters lives (whether or not it is generated yet)."""
+    return Path(root) / f"embedded-{train_images}x{val_images}-seed{seed}-v{FORMAT_VERSION}"
+
+
 def ensure_embedded(root: str | Path, train_images: int, val_images: int, seed: int = 0,
                     workers: int | None = None) -> Path:
-    """Returns <root>/embedded, generating it first unless a complete copy with these parameters is there.
+    """Returns embedded_folder(root, ...), generating it first unless a complete copy is there.
 
-    Generation goes to a temporary folder that is renamed into place when complete, so a killed run is never
-    read as a dataset; other counts or another seed replace the folder. workers: processes (default: up to 2).
+    Each parameter set has its own folder, so other counts or another seed never replace a world another run
+    uses. Generation goes to a temporary folder renamed into place when complete (see write_once), so a killed
+    run is never read as a dataset. workers: processes (default: up to 2).
     """
     for name, value in (("data.embedded_train_images", train_images), ("data.embedded_val_images", val_images)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
-    root = Path(root)
-    folder = root / DATASET_DIR
     manifest = _manifest(train_images, val_images, seed)
-    if _is_complete(folder, manifest):
-        return folder
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the dataset folder {root} ({err.strerror}); set data.root to a writable folder")
-    with _locked(root):
-        if _is_complete(folder, manifest):       # another process finished it while we waited
-            return folder
-        for stale in [*root.glob(f"{DATASET_DIR}.tmp-*"), *root.glob(f"{DATASET_DIR}.old-*")]:
-            shutil.rmtree(stale, ignore_errors=True)   # left by a killed run; we hold the lock, so nobody owns it
-        tmp = root / f"{DATASET_DIR}.tmp-{os.getpid()}"
-        try:
-            _generate(tmp, train_images, val_images, seed, workers or min(2, os.cpu_count() or 1))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if folder.exists():                       # a rename cannot replace a non-empty folder: move it aside first
-            old = root / f"{DATASET_DIR}.old-{os.getpid()}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    return folder
+    workers = workers or min(2, os.cpu_count() or 1)
+    return write_once(embedded_folder(root, train_images, val_images, seed),
+                      lambda folder: _is_complete(folder, manifest),
+                      lambda tmp: _generate(tmp, train_images, val_images, seed, workers))
 
 
 def read_split(folder: str | Path, split: str) -> list[dict]:

@@ -1,21 +1,23 @@
-"""Fashion-MNIST (Debian's dataset-fashion-mnist) as a tinted COCO-format caption set under <root>/fashion/.
+"""Fashion-MNIST (Debian's dataset-fashion-mnist) as a tinted COCO-format caption set under
+<root>/fashion-<train>x<val>-<tints hash>-v<FORMAT_VERSION>/.
 
 Each 28x28 article is coloured with one tint and gets five captions naming its class, and in four of them its
 tint ("a photo of a red dress", "a pullover"). Image entries carry "label", "label_name" and "tint" for the
-evaluation's classifier. Generated once per (counts, tints); rewritten atomically when those change.
+evaluation's classifier. Generated once per (counts, tints), each set in its own folder, written atomically
+under a lock (data.generated.write_once).
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from configs.errors import UserError
+from data.generated import write_once
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Caption-friendly spellings of the official names (T-shirt/top, Trouser, ..., Ankle boot), in label order.
@@ -110,44 +112,49 @@ def _write_split(folder: Path, source_dir: Path, split: str, count: int, tints: 
     (folder / f"captions_{split}.json").write_text(json.dumps(tree))
 
 
+def fashion_folder(root: str | Path, train_images: int, val_images: int,
+                   tints: list[str] | tuple[str, ...] = tuple(FASHION_TINTS)) -> Path:
+    """Where the set of these parameters lives (whether or not it is written yet); the tints' order matters."""
+    tag = hashlib.sha1(",".join(tints).encode()).hexdigest()[:6]
+    return Path(root) / f"fashion-{train_images}x{val_images}-{tag}-v{FORMAT_VERSION}"
+
+
+def complete_fashion_sets(root: str | Path) -> list[Path]:
+    """The finished fashion sets under root, newest first: for tools that take whatever set is there rather
+    than generate one with counts of their own."""
+    manifests = Path(root).glob(f"fashion-*-v{FORMAT_VERSION}/{_MANIFEST}")
+    return [m.parent for m in sorted(manifests, key=lambda m: m.stat().st_mtime_ns, reverse=True)]
+
+
+def _matches(folder: Path, params: dict) -> bool:
+    """Only a finished set has the manifest: it is written last, then the folder is moved into place."""
+    try:
+        return json.loads((folder / _MANIFEST).read_text()) == params
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _write_all(folder: Path, source_dir: Path, counts: dict[str, int], params: dict) -> None:
+    for split, count in counts.items():
+        _write_split(folder, source_dir, split, count, params["tints"])
+    (folder / _MANIFEST).write_text(json.dumps(params))  # last: its presence marks a complete folder
+
+
 def ensure_fashion(root: str | Path, train_images: int = 12000, val_images: int = 2000,
                    tints: list[str] | tuple[str, ...] = tuple(FASHION_TINTS), source_dir: str | Path = FASHION_DIR
                    ) -> Path:
-    """Writes <root>/fashion/ (captions_{train,val}.json + {train,val}/*.png) unless it already matches; returns it.
+    """Writes fashion_folder(root, ...) (captions_{train,val}.json + {train,val}/*.png) unless it is complete;
+    returns it.
 
     Train comes from the first `train_images` of Fashion-MNIST's train file, val from the first `val_images`
-    of t10k. Deterministic: the same arguments give the same files.
+    of t10k. Deterministic: the same arguments give the same files. Other counts or tints get another folder.
     """
-    root, source_dir, tints = Path(root), Path(source_dir), list(tints)
-    folder = root / "fashion"
+    source_dir, tints = Path(source_dir), list(tints)
+    folder = fashion_folder(root, train_images, val_images, tints)
     params = {"version": FORMAT_VERSION, "train_images": train_images, "val_images": val_images, "tints": tints,
               "image_size": IMAGE_SIZE}
-    try:
-        if json.loads((folder / _MANIFEST).read_text()) == params:
-            return folder
-    except (OSError, json.JSONDecodeError):
-        pass
-    _check_request(source_dir, {"train": train_images, "val": val_images}, tints)
-    tmp = root / f"fashion.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as err:
-        raise UserError(f"cannot create the dataset folder {root} ({err.strerror}); set data.root to a writable "
-                        f"folder") from None
-    try:
-        for split, count in (("train", train_images), ("val", val_images)):
-            _write_split(tmp, source_dir, split, count, tints)
-        (tmp / _MANIFEST).write_text(json.dumps(params))  # last: its presence marks a complete folder
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = root / f"fashion.old-{os.getpid()}"
-    if folder.exists():
-        os.replace(folder, old)
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process put its copy in place first
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
+    if _matches(folder, params):  # without the source files: a finished set needs none
+        return folder
+    counts = {"train": train_images, "val": val_images}
+    _check_request(source_dir, counts, tints)
+    return write_once(folder, lambda f: _matches(f, params), lambda tmp: _write_all(tmp, source_dir, counts, params))

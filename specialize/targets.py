@@ -26,11 +26,12 @@ class Target:
 def resolve_dataset_folder(dataset: str, data_root: str | Path) -> Path:
     """'fashion' -> <data_root>/fashion (generated with the training defaults if absent); anything else is a path."""
     if dataset == "fashion":
-        folder = Path(data_root) / "fashion"
-        if (folder / "captions_val.json").is_file():
-            return folder  # never regenerate an existing set: a training run may have written other counts
         from configs.schema import DataConfig
-        from data.fashion import ensure_fashion
+        from data.fashion import complete_fashion_sets, ensure_fashion
+
+        sets = complete_fashion_sets(data_root)
+        if sets:
+            return sets[0]  # the newest set already written (a training run may have asked for other counts)
 
         d = DataConfig()
         return ensure_fashion(data_root, d.fashion_train_images, d.fashion_val_images, d.fashion_tints)

@@ -12,7 +12,7 @@ from PIL import Image
 
 import data.embedded as embedded
 from configs.errors import UserError
-from data.embedded import HELD_OUT_COMBOS, ensure_embedded, read_split, world_prompts
+from data.embedded import HELD_OUT_COMBOS, embedded_folder, ensure_embedded, read_split, world_prompts
 from data.oracle import compare, parse_caption
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def world(tmp_path_factory) -> Path:
 def test_coco_json_reads_with_pycocotools(world):
     from pycocotools.coco import COCO
 
-    assert world.name == "embedded"
+    assert world == embedded_folder(world.parent, 200, 100, 0) and world.name == "embedded-200x100-seed0-v2"
     for split, count in (("train", 200), ("val", 100)):
         coco = COCO(str(world / f"captions_{split}.json"))
         assert len(coco.getImgIds()) == count
@@ -74,7 +74,7 @@ def test_same_seed_same_bytes_on_any_worker_count(tmp_path, monkeypatch):
     assert sum(other[k] != v for k, v in _files(one).items() if k.endswith(".png")) > 30
 
 
-def test_second_call_is_cached_and_new_counts_regenerate(tmp_path, monkeypatch):
+def test_second_call_is_cached_and_new_counts_get_their_own_folder(tmp_path, monkeypatch):
     folder = ensure_embedded(tmp_path, 20, 10)
     stamp = (folder / "captions_train.json").stat().st_mtime_ns
 
@@ -84,11 +84,13 @@ def test_second_call_is_cached_and_new_counts_regenerate(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(embedded, "_generate", fail)
         assert ensure_embedded(tmp_path, 20, 10) == folder
-    assert (folder / "captions_train.json").stat().st_mtime_ns == stamp
-    ensure_embedded(tmp_path, 25, 10)
-    assert len(list((folder / "train").iterdir())) == 25
-    assert len(json.loads((folder / "captions_train.json").read_text())["images"]) == 25
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".embedded.lock", "embedded"]   # no temp folders left
+    bigger = ensure_embedded(tmp_path, 25, 10)
+    assert bigger != folder and len(list((bigger / "train").iterdir())) == 25
+    assert len(json.loads((bigger / "captions_train.json").read_text())["images"]) == 25
+    assert (folder / "captions_train.json").stat().st_mtime_ns == stamp   # the first world is left as it was
+    assert len(list((folder / "train").iterdir())) == 20
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([folder.name, bigger.name, f".{folder.name}.lock", f".{bigger.name}.lock"])  # no temps
 
 
 def test_failed_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
@@ -105,7 +107,7 @@ def test_failed_generation_leaves_nothing_that_looks_complete(tmp_path, monkeypa
     monkeypatch.setattr(embedded, "_render_chunk", render_then_die)
     with pytest.raises(KeyboardInterrupt):
         ensure_embedded(tmp_path, 20, 10, workers=1)
-    assert not (tmp_path / "embedded").exists()
+    assert not embedded_folder(tmp_path, 20, 10).exists() and not list(tmp_path.glob("*.tmp-*"))
     monkeypatch.setattr(embedded, "_render_chunk", real)
     folder = ensure_embedded(tmp_path, 20, 10, workers=1)
     assert len(read_split(folder, "train")) == 20
@@ -118,19 +120,20 @@ def test_killed_generation_is_redone(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     try:
         deadline = time.monotonic() + 60
-        while not list(tmp_path.glob("embedded.tmp-*/train/*.png")) and time.monotonic() < deadline:
+        while not list(tmp_path.glob("embedded-*.tmp-*/train/*.png")) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert proc.poll() is None, "generation ended before it could be killed"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert list(tmp_path.glob("embedded.tmp-*")) and not (tmp_path / "embedded").exists()
+    assert list(tmp_path.glob("embedded-*.tmp-*")) and not embedded_folder(tmp_path, 20000, 10).exists()
     # A half-copied final folder without its manifest must not pass either.
-    (tmp_path / "embedded" / "train").mkdir(parents=True)
-    (tmp_path / "embedded" / "captions_train.json").write_text("{}")
+    half = embedded_folder(tmp_path, 20, 10)
+    (half / "train").mkdir(parents=True)
+    (half / "captions_train.json").write_text("{}")
     folder = ensure_embedded(tmp_path, 20, 10)
-    assert len(read_split(folder, "train")) == 20 and len(read_split(folder, "val")) == 10
-    assert not list(tmp_path.glob("embedded.tmp-*"))
+    assert folder == half and len(read_split(folder, "train")) == 20 and len(read_split(folder, "val")) == 10
+    assert not list(tmp_path.glob("embedded-*.tmp-*")) and not list(tmp_path.glob("embedded-*.old-*"))
 
 
 @pytest.mark.parametrize("counts", [(0, 10), (10, -1), (2.5, 10), (True, 10)])

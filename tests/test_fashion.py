@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 from configs.errors import UserError
 from configs.loading import load_config
 from data.datasets import build_datasets, resolve_dataset_name
-from data.fashion import FASHION_CLASSES, FASHION_DIR, FASHION_TINTS, ensure_fashion, read_idx
+from data.fashion import (FASHION_CLASSES, FASHION_DIR, FASHION_TINTS, complete_fashion_sets, ensure_fashion,
+                          fashion_folder, read_idx)
 
 pytestmark = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="apt package dataset-fashion-mnist not installed")
 TRAIN, VAL = 60, 12
@@ -45,6 +46,7 @@ def test_captions_name_class_and_tint_and_labels_match(fashion_dir):
 
 def test_deterministic_and_regenerated_only_when_asked(fashion_dir, tmp_path):
     stamp = (fashion_dir / "captions_train.json").stat().st_mtime_ns
+    assert fashion_dir == fashion_folder(fashion_dir.parent, TRAIN, VAL)
     assert ensure_fashion(fashion_dir.parent, TRAIN, VAL) == fashion_dir
     assert (fashion_dir / "captions_train.json").stat().st_mtime_ns == stamp
     other = ensure_fashion(tmp_path, TRAIN, VAL)
@@ -54,7 +56,10 @@ def test_deterministic_and_regenerated_only_when_asked(fashion_dir, tmp_path):
     tree = json.loads((smaller / "captions_train.json").read_text())
     assert len(tree["images"]) == 10 and {i["tint"] for i in tree["images"]} <= {"red", "blue"}
     assert sorted(p.name for p in (smaller / "train").iterdir()) == [f"{i:05d}.png" for i in range(10)]
-    assert [p.name for p in tmp_path.iterdir()] == ["fashion"]  # no tmp or old folder left
+    assert smaller != other and (other / "captions_train.json").is_file()  # the first set is left as it was
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([other.name, smaller.name, f".{other.name}.lock", f".{smaller.name}.lock"])  # no temps
+    assert set(complete_fashion_sets(tmp_path)) == {smaller, other}
 
 
 def test_user_errors(tmp_path):
@@ -72,7 +77,8 @@ def test_build_datasets_fashion(tmp_path, tiny_bert):
     assert resolve_dataset_name(cfg) == "fashion"
     train, val = build_datasets(cfg, AutoTokenizer.from_pretrained(tiny_bert))
     assert (len(train), len(val)) == (100, 8)
-    entries = {i["id"]: i for i in json.loads((tmp_path / "fashion" / "captions_train.json").read_text())["images"]}
+    folder = fashion_folder(tmp_path, 20, 8, cfg.data.fashion_tints)
+    entries = {i["id"]: i for i in json.loads((folder / "captions_train.json").read_text())["images"]}
     sample = train[7]
     assert entries[sample["image_id"]]["label_name"] in sample["caption"]
     assert sample["images"].shape == (3, cfg.model.image_size, cfg.model.image_size)
