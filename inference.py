@@ -23,7 +23,6 @@ from configs.errors import UserError
 from data.transforms import IMAGE_ERRORS, read_image, resize_center_crop, to_rgb
 from models.caption_search import CaptionOptions, decode_captions
 from models.checkpoint import find_latest_checkpoint, load_checkpoint
-from models.diffusion import sampling_scheduler
 
 logger = logging.getLogger("duet.inference")
 
@@ -56,10 +55,22 @@ def check_prompt(text) -> str:
     return text.strip()
 
 
-def check_steps(num_inference_steps: int) -> int:
+def check_steps(num_inference_steps: int | None) -> int | None:
+    """None (the checkpoint's default) or a whole number >= 1."""
+    if num_inference_steps is None:
+        return None
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise UserError(f"the number of sampling steps must be a whole number >= 1, got {num_inference_steps!r}")
     return num_inference_steps
+
+
+def check_outputs(paths: list[Path], overwrite: bool, input_folder: Path | None) -> None:
+    """The CLI never replaces a file without --overwrite, nor writes into the folder it reads images from."""
+    for path in paths:
+        if input_folder is not None and path.resolve().is_relative_to(input_folder.resolve()):
+            raise UserError(f"{path} is inside the input folder {input_folder}; choose an --output elsewhere")
+        if path.exists() and not overwrite:
+            raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --output")
 
 
 def check_writable(path: str | Path) -> Path:
@@ -198,27 +209,28 @@ class ImageTextGenerator:
                            text if len(text) <= 60 else text[:57] + "...", self.max_caption_len)
 
     @torch.inference_mode()
-    def _generate(self, texts: list[str], seeds: list[int], num_inference_steps: int, guidance_scale: float,
-                  scheduler: str) -> list[Image.Image]:
-        """One batch: texts[i] drawn with noise from seeds[i]."""
+    def _generate(self, texts: list[str], seeds: list[int], num_inference_steps: int | None,
+                  guidance_scale: float | None, scheduler: str | None) -> list[Image.Image]:
+        """One batch: texts[i] drawn with noise from seeds[i]; None means the checkpoint's sample default."""
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        sampler = sampling_scheduler(scheduler, self.model.diffusion.noise_scheduler)
-        images = self.model.generate_images(texts, sampler, num_inference_steps, guidance_scale, generators)
+        images = self.model.generate_images(texts, scheduler, num_inference_steps, guidance_scale, generators)
         return to_pil(images)
 
-    def text_to_image(self, text: str, num_inference_steps: int = 50, guidance_scale: float = 3.0,
+    def text_to_image(self, text: str, num_inference_steps: int | None = None, guidance_scale: float | None = None,
                       seed: int | None = None, save_path: str | Path | None = None, num_images: int = 1,
-                      scheduler: str = "ddim"):
+                      scheduler: str | None = None):
         """Draws an image for a caption.
 
         Args:
             text: the prompt; longer than model.max_caption_len tokens is truncated with a warning.
-            num_inference_steps: denoising steps (>= 1).
-            guidance_scale: classifier-free guidance weight; 1.0 turns guidance off (and halves the work).
+            num_inference_steps: denoising steps (>= 1); None: the checkpoint's sample.steps.
+            guidance_scale: classifier-free guidance weight; 1.0 turns guidance off (and halves the work);
+                None: the checkpoint's sample.guidance_scale.
             seed: image i is drawn from seed+i; None picks a random seed.
             save_path: where to write the image; with num_images > 1, image i goes to <stem>_<i:03d><suffix>.
             num_images: how many images of this prompt, drawn as one batch.
-            scheduler: "ddim", "dpm++", "euler" or "ddpm".
+            scheduler: "ddim", "dpm++", "euler" or "ddpm" ("euler" or "heun" for a flow model); None: the
+                checkpoint's sample.scheduler.
 
         Returns:
             A PIL RGB image of model.image_size pixels a side; a list of them when num_images > 1.
@@ -241,8 +253,8 @@ class ImageTextGenerator:
         return images[0] if num_images == 1 else images
 
     def batch_text_to_image(self, texts: list[str], save_dir: str | Path | None, batch_size: int = 8,
-                            num_inference_steps: int = 50, guidance_scale: float = 3.0, seed: int | None = None,
-                            scheduler: str = "ddim", name: str = "image"):
+                            num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                            seed: int | None = None, scheduler: str | None = None, name: str = "image"):
         """One image per prompt, batch_size prompts at a time on the device.
 
         Args:
@@ -423,11 +435,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--image", help="an image file or a folder of images")
     p.add_argument("--output", help="t2i: image path (default generated.png; several images: <stem>_000.png ...); "
                                     "i2t of a folder: captions .json or .csv (default captions.json)")
-    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's sample.steps)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the checkpoint's)")
     p.add_argument("--seed", type=int, help="image i uses seed+i (default: random)")
     p.add_argument("--num-images", type=int, default=1, help="images of a single prompt")
-    p.add_argument("--scheduler", default="ddim", help="ddim, dpm++, euler or ddpm")
+    p.add_argument("--scheduler", help="ddim, dpm++, euler or ddpm (default: the checkpoint's sample.scheduler)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search captions")
     p.add_argument("--sample", action="store_true", help="nucleus-sample captions instead of the most likely")
@@ -436,6 +448,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     p.add_argument("--lora", help="LoRA adapter folder to apply")
     p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--overwrite", action="store_true", help="replace output files that exist")
     return p.parse_args(argv)
 
 
@@ -523,6 +536,11 @@ def run(args: argparse.Namespace) -> None:
         captions_out = captions_out or Path("captions.json")
     if captions_out is not None:
         check_writable(captions_out)
+    count = len(prompts) * args.num_images
+    image_files = [] if mode == "i2t" else [image_out] if count == 1 else [
+        image_out.with_name(f"{image_out.stem}_{i:03d}{image_out.suffix}") for i in range(count)]
+    check_outputs(image_files + ([captions_out] if captions_out else []), args.overwrite,
+                  Path(args.image) if is_folder else None)
 
     generator = ImageTextGenerator(args.checkpoint, device=args.device, lora=args.lora, lora_scale=args.lora_scale)
     if mode != "i2t":
@@ -530,8 +548,7 @@ def run(args: argparse.Namespace) -> None:
         images, _ = generator.batch_text_to_image(prompts * args.num_images, None, batch_size=args.batch_size,
                                                   num_inference_steps=args.steps, seed=args.seed,
                                                   guidance_scale=args.guidance_scale, scheduler=args.scheduler)
-        written = [image_out] if len(images) == 1 else [
-            image_out.with_name(f"{image_out.stem}_{i:03d}{image_out.suffix}") for i in range(len(images))]
+        written = image_files
         for image, path in zip(images, written):
             save_image(image, path)
             print(f"wrote {path}")

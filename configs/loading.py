@@ -82,7 +82,7 @@ def apply(cfg: DuetConfig, values: dict[str, object]) -> DuetConfig:
 
 def _flatten(tree: dict, where: str) -> dict[str, object]:
     if not isinstance(tree, dict):
-        raise UserError(f"{where}: expected sections model/data/train, got {type(tree).__name__}")
+        raise UserError(f"{where}: expected sections model/data/train/sample, got {type(tree).__name__}")
     flat = {}
     for section, values in tree.items():
         if not isinstance(values, dict):
@@ -136,6 +136,14 @@ def validate(cfg: DuetConfig) -> DuetConfig:
         raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got '{t.mixed_precision}'")
     if d.caption_mode not in ("pairs", "random"):
         raise UserError(f"data.caption_mode must be pairs or random, got '{d.caption_mode}'")
+    if m.diffusion_objective not in ("epsilon", "v_prediction", "flow"):
+        raise UserError(f"model.diffusion_objective must be epsilon, v_prediction or flow, got '{m.diffusion_objective}'")
+    if min(t.joint_steps, t.diffusion_batch_size, t.diffusion_captions_per_image, t.image_decoder_batch_size) < 0:
+        raise UserError("train.joint_steps, train.diffusion_batch_size, train.diffusion_captions_per_image and "
+                        "train.image_decoder_batch_size must be >= 0")
+    s = cfg.sample
+    if s.steps < 1 or s.timestep_spacing not in ("leading", "trailing", "linspace"):
+        raise UserError("sample.steps must be >= 1 and sample.timestep_spacing leading, trailing or linspace")
     if t.learning_rate <= 0 or t.grad_accum_steps < 1 or t.epochs < 1:
         raise UserError("train.learning_rate must be > 0, train.grad_accum_steps and train.epochs >= 1")
     return cfg

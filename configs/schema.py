@@ -28,6 +28,10 @@ class ModelConfig:
     max_caption_len: int = 32
     caption_vocab_size: int = 0           # 0: whole tokenizer; set from the training captions
     cond_drop_prob: float = 0.1           # text condition dropped for classifier-free guidance
+    diffusion_objective: str = "epsilon"  # epsilon | v_prediction | flow (rectified flow)
+    unet_text_time_embedding: bool = False  # pooled text states added to the UNet's time embedding
+    unet_coord_channels: bool = False     # x/y coordinate channels concatenated to the UNet's input
+    unet_pooled_embedding: bool = False   # the aligned text embedding added to the time embedding
     dropout: float = 0.1
 
 
@@ -65,6 +69,15 @@ class TrainConfig:
     recon_weight: float = 0.5
     diffusion_weight: float = 0.1
     diffusion_timesteps: int = 1000
+    snr_gamma: float = 0.0                # min-SNR-gamma loss weighting (5 is the paper's); 0: plain MSE
+    # The diffusion phase: after joint_steps joint steps, the image encoder, BERT and the alignment heads freeze
+    # and the rest of the run trains the UNet (and both decoders) on their cached outputs. 0: joint throughout.
+    joint_steps: int = 0
+    diffusion_batch_size: int = 0         # the UNet's batch in the diffusion phase; 0: batch_size
+    diffusion_learning_rate: float = 0.0  # the UNet's learning rate in the diffusion phase; 0: learning_rate
+    diffusion_warmup_steps: int = 20
+    diffusion_captions_per_image: int = 0  # captions per image whose BERT states are cached; 0: all
+    image_decoder_batch_size: int = 0     # the image decoder's batch in the diffusion phase; 0: batch_size
     ema_decay: float = 0.999
     mixed_precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
     grad_clip: float = 1.0
@@ -78,9 +91,18 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_bad_steps: int = 5                # consecutive NaN/Inf losses before aborting
     sample_prompts: list[str] = field(default_factory=list)  # for the sample sheet; empty: val captions
-    sample_steps: int = 25
     out_dir: str = "outputs"
     run_name: str = ""                    # empty: the dataset's name
+
+
+@dataclass
+class SampleConfig:
+    """How images are sampled unless a caller says otherwise: training's sample sheets, inference, evaluation and
+    specialisation all read these from the checkpoint's config."""
+    scheduler: str = "ddim"               # ddim | dpm++ | euler | ddpm (flow models: euler | heun)
+    steps: int = 25
+    guidance_scale: float = 3.0
+    timestep_spacing: str = "trailing"    # trailing starts at the last training timestep (pure noise); or leading
 
 
 @dataclass
@@ -88,3 +110,4 @@ class DuetConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)

@@ -236,6 +236,14 @@ class CocoCaptions(Dataset):
                 logger.warning("skipping unreadable image %s: %s", path, err)
             return None
 
+    def image_tensor(self, image_position: int) -> torch.Tensor | None:
+        """(3, H, W) float32 in [-1, 1], or None for an unreadable image."""
+        pixels = self._read_pixels(image_position)
+        if pixels is None:
+            return None
+        # copy: PIL and memmap arrays are read-only
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
     def __getitem__(self, idx: int) -> dict | None:
         if self.caption_mode == "pairs":
             caption_position = int(idx)
@@ -243,13 +251,11 @@ class CocoCaptions(Dataset):
         else:
             image_position = int(idx)
             caption_position = self._caption_position(image_position)
-        pixels = self._read_pixels(image_position)
-        if pixels is None:
+        images = self.image_tensor(image_position)
+        if images is None:
             return None
-        # copy: PIL and memmap arrays are read-only
-        images = torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # (3, H, W) uint8
         return {
-            "images": images.float() / 127.5 - 1.0,
+            "images": images,
             "input_ids": torch.from_numpy(self.input_ids[caption_position].astype(np.int64)),
             "attention_mask": torch.from_numpy(self.attention_mask[caption_position].astype(np.int64)),
             "image_id": int(self.index.image_ids[image_position]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluation.captions import CAPTION_METRICS
-from evaluation.generation import FD_LABEL
+from evaluation.generation import FD_LABEL, GENEVAL_PUBLISHED, GENEVAL_TASKS
 
 ORACLE_KEYS = ("colour", "shape", "size", "position", "relation", "count", "all")
 
@@ -36,12 +36,25 @@ def _retrieval(r: dict) -> list[str]:
 
 def _oracle(title: str, summary: dict, what: str) -> list[str]:
     rows = [["all", *(_pct(summary["overall"].get(k)) for k in ORACLE_KEYS), str(summary["n"])]]
-    held = summary["held_out"]
-    rows.append(["held-out colour-shape pairs", *(_pct(held.get(k)) for k in ORACLE_KEYS), str(held["n"])])
+    for key, label in (("single_object", "one object"), ("two_objects", "two objects"),
+                       ("held_out", "held-out colour-shape pairs")):
+        if key in summary:
+            rows.append([label, *(_pct(summary[key].get(k)) for k in ORACLE_KEYS), str(summary[key]["n"])])
     for relation, group in summary["per_relation"].items():
         rows.append([f"relation: {relation}", *(["–"] * 4), _pct(group["relation"]), "–", _pct(group["all"]),
                      str(group["n"])])
     return [f"### {title}", "", *_table(["subset", *ORACLE_KEYS, "n"], rows), "", what, ""]
+
+
+def _geneval(scores: dict) -> list[str]:
+    names = [*GENEVAL_TASKS, "overall"]
+    rows = [["Duet (embedded world, oracle)", *(_num(scores.get(k), 2) for k in names)]]
+    rows += [[f"{model} (GenEval, published)", *(["–"] * len(GENEVAL_TASKS)), f"{value:.2f}"]
+             for model, value in GENEVAL_PUBLISHED.items()]
+    return ["### GenEval-style tasks", "", *_table(["model", *names], rows), "",
+            "Each task as GenEval scores it (the object, its count, colour, relative position or colour binding), "
+            "read by the embedded world's oracle on our prompts; the published rows are GenEval's own numbers on "
+            "natural images, for scale only.", ""]
 
 
 def _captioning(c: dict) -> list[str]:
@@ -81,6 +94,8 @@ def _generation(g: dict | None) -> list[str]:
         lines += _oracle("Oracle reading of the generated images", g["oracle"],
                          "data.oracle.read_image(generated image) against parse_caption(prompt); attributes a prompt "
                          "does not say accept anything.")
+        if g["oracle"].get("geneval"):
+            lines += _geneval(g["oracle"]["geneval"])
     return lines
 
 
@@ -89,6 +104,7 @@ def render_report(metrics: dict) -> str:
     lines = [f"# Evaluation of `{metrics['checkpoint']}`", "",
              f"Dataset `{metrics['dataset']}`, split `{metrics['split']}`"
              + (f" (first {metrics['limit']} images)" if metrics.get("limit") else "")
+             + (f"; {metrics['skipped_images']} unreadable image(s) skipped" if metrics.get("skipped_images") else "")
              + f"; torch {metrics['torch_version']} on {metrics['device']}.", ""]
     lines += _retrieval(metrics["retrieval"]) + _captioning(metrics["captioning"]) + _generation(metrics["generation"])
     lines += ["## Figures", ""]

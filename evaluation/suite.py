@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from configs.errors import UserError
 from data.coco import resolve_split_files
 from data.collate import collate_captions
-from data.datasets import build_split, dataset_folder, resolve_dataset_name
+from data.datasets import build_split, dataset_folder, refuse_inside_dataset, resolve_dataset_name, skipped_at_build
 from data.world import Scene
 from evaluation.captions import read_results_json, score_captions, write_results_json
 from evaluation.fashion_classifier import classifier_accuracy, load_fashion_classifier
@@ -26,7 +26,6 @@ from evaluation.retrieval import retrieval_metrics, top_matches
 from evaluation.retrieval_examples import retrieval_examples_png
 from inference import resolve_device
 from models.checkpoint import find_latest_checkpoint, load_checkpoint
-from models.diffusion import sampling_scheduler
 from training.figures import loss_curve_png, sample_sheet_png, to_pil
 
 NUM_FIGURE_SAMPLES = 8      # images in the sample grid
@@ -181,22 +180,43 @@ def write_figures(data, encoded: dict, generated: torch.Tensor, prompts: list[st
     return figures
 
 
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """An earlier evaluation's report is never replaced silently: it may be another split's or limit's."""
+    if not overwrite and (out_dir / "metrics.json").exists():
+        raise UserError(f"{out_dir} already holds an evaluation (metrics.json); pass --overwrite to replace it "
+                        f"or choose another --out")
+
+
+def skipped_images(data, encoded: dict) -> int:
+    """Unreadable images of the split, each counted once where it was found: left out when the cache was built, or
+    read as None by the uncached reader (one sample per image in random mode, so never counted twice)."""
+    return skipped_at_build(data) + data.num_images - len(encoded["positions"])
+
+
 def evaluate_checkpoint(checkpoint: str | Path | None = None, dataset: str | None = None, split: str | None = None,
-                        limit: int = 0, out_dir: str | Path | None = None, num_generated: int = 64, steps: int = 25,
-                        guidance_scale: float = 3.0, scheduler: str = "ddim", batch_size: int = 64, seed: int = 0,
-                        device: str = "auto", data_root: str | None = None, use_meteor: bool = True) -> dict:
+                        limit: int = 0, out_dir: str | Path | None = None, num_generated: int = 64,
+                        steps: int | None = None, guidance_scale: float | None = None, scheduler: str | None = None,
+                        batch_size: int = 64, seed: int = 0,
+                        device: str = "auto", data_root: str | None = None, use_meteor: bool = True,
+                        overwrite: bool = False) -> dict:
     """Evaluates a checkpoint (default: the newest under outputs/) on a split of its own dataset (or `dataset`) and
     writes metrics.json, report.md, captions_results.json and the figures into out_dir (default <checkpoint>/eval).
-    Returns the metrics dict. limit: first N images of the split (0: all)."""
+    Returns the metrics dict. limit: first N images of the split (0: all). steps, guidance_scale, scheduler: None
+    takes the checkpoint's sample section. An out_dir holding a report is replaced only with overwrite."""
     for name, value in (("--limit", limit), ("--num-generated", num_generated), ("--seed", seed)):
         if value < 0:
             raise UserError(f"{name} must be >= 0, got {value}")
-    if steps < 1 or batch_size < 1:
+    if (steps is not None and steps < 1) or batch_size < 1:
         raise UserError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     watch = Stopwatch()
     checkpoint = Path(checkpoint) if checkpoint else find_latest_checkpoint()
+    out_dir = Path(out_dir) if out_dir else checkpoint / "eval"
+    check_out_dir(out_dir, overwrite)  # before the model loads: a refusal costs nothing
     model = load_checkpoint(checkpoint, resolve_device(device), use_ema=True)
-    sampling_scheduler(scheduler, model.diffusion.noise_scheduler)  # an unknown name fails before any work
+    sample = model.config.sample
+    steps, scheduler = steps or sample.steps, scheduler or sample.scheduler
+    guidance_scale = sample.guidance_scale if guidance_scale is None else guidance_scale
+    model.sampler(scheduler)  # an unknown name fails before any work
     cfg = copy.deepcopy(model.config)
     if dataset:
         cfg.data.dataset = dataset
@@ -204,9 +224,9 @@ def evaluate_checkpoint(checkpoint: str | Path | None = None, dataset: str | Non
         cfg.data.root = data_root
     name = resolve_dataset_name(cfg)
     folder = dataset_folder(cfg, name)
+    refuse_inside_dataset(out_dir, folder, "the evaluation folder", "choose another with --out")
     split = split or cfg.data.val_split
     data = build_split(cfg, name, folder, split, model.tokenizer, limit, "random")
-    out_dir = Path(out_dir) if out_dir else checkpoint / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     watch.lap("load", f"{checkpoint} on {name}/{split}: {data.num_images} images, {data.num_captions} captions")
 
@@ -214,11 +234,14 @@ def evaluate_checkpoint(checkpoint: str | Path | None = None, dataset: str | Non
     encoded = encode_images(model, data, batch_size, num_workers)
     if len(encoded["positions"]) < 2:
         raise UserError(f"{name}/{split} has fewer than 2 readable images; nothing to evaluate")
-    watch.lap("images", f"{len(encoded['positions'])} images embedded and captioned")
+    skipped = skipped_images(data, encoded)
+    watch.lap("images", f"{len(encoded['positions'])} images embedded and captioned"
+                        + (f"; skipped {skipped} unreadable image(s)" if skipped else ""))
     encoded.update(encode_captions(model, data, encoded["positions"], 4 * batch_size))
     watch.lap("texts", f"{len(encoded['text_embeds'])} captions embedded")
     metrics: dict = {"checkpoint": str(checkpoint), "dataset": name, "split": split, "limit": limit,
-                     "torch_version": torch.__version__, "device": str(model.logit_scale.device)}
+                     "skipped_images": skipped, "torch_version": torch.__version__,
+                     "device": str(model.logit_scale.device)}
     metrics["retrieval"] = retrieval_metrics(encoded["image_embeds"], encoded["text_embeds"], encoded["caption_image"])
     metrics["retrieval"]["shared_caption_fraction"] = shared_caption_fraction(encoded["caption_texts"],
                                                                               encoded["caption_image"])

@@ -87,6 +87,8 @@ def read_config(folder: str | Path):
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON; the checkpoint is damaged") from None
     version = saved.pop("format_version", None)
+    if "sample_steps" in saved.get("train", {}):  # written before the sample section held the sampling defaults
+        saved.setdefault("sample", {})["steps"] = saved["train"].pop("sample_steps")
     if version != FORMAT_VERSION:
         raise UserError(f"{folder} has checkpoint format {version}, this version reads {FORMAT_VERSION}")
     try:
@@ -99,9 +101,10 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_
     """Builds the DuetModel a checkpoint describes and loads its weights (strict); returns it in eval mode.
 
     With use_ema the UNet is the EMA one when the checkpoint has it (what sampling wants)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
+    from models.diffusion import build_noise_scheduler
     from models.duet import DuetModel
 
     folder = Path(folder)
@@ -112,7 +115,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_
         tokenizer = AutoTokenizer.from_pretrained(folder / "text_encoder", local_files_only=True)
         with _quiet_diffusers():  # unet_ema's config carries the EMA's decay etc., which the UNet ignores
             unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
-        noise_scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
+        scheduler_cls = type(build_noise_scheduler(cfg.train.diffusion_timesteps, cfg.model.diffusion_objective))
+        noise_scheduler = scheduler_cls.from_pretrained(folder / "scheduler", local_files_only=True)
         state = load_file(folder / WEIGHTS_FILE)
     except (OSError, ValueError, SafetensorError, EnvironmentError) as err:
         raise UserError(f"checkpoint {folder} is incomplete or damaged: {str(err).splitlines()[0]}") from None

@@ -1,4 +1,9 @@
-"""Latent diffusion: diffusers UNet2DConditionModel denoiser + a diffusers scheduler; the UNet never sees betas."""
+"""Latent diffusion: a diffusers UNet2DConditionModel denoiser + a diffusers scheduler; the UNet never sees betas.
+
+Objectives (model.diffusion_objective): "epsilon" (DDPM's), "v_prediction" (Salimans & Ho), both on the cosine
+schedule and optionally weighted by min-SNR-gamma (Hang et al., diffusers' compute_snr), or "flow" (rectified
+flow, SD3's: x_t = (1 - s) x_0 + s noise, the UNet predicts noise - x_0) with FlowMatchEulerDiscreteScheduler.
+"""
 from __future__ import annotations
 
 import math
@@ -7,21 +12,39 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       UNet2DConditionModel)
+                       FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DConditionModel)
+from diffusers.training_utils import compute_snr
 
 from configs.errors import UserError
 from configs.schema import ModelConfig
 
+OBJECTIVES = ("epsilon", "v_prediction", "flow")
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler,
               "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+FLOW_SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
+# For the flow objective, the DDPM-family names map to its own samplers (one flag works for every checkpoint).
+FLOW_ALIASES = {"ddim": "euler", "ddpm": "euler", "dpm++": "euler", "dpm-solver++": "euler"}
+COORD_CHANNELS = 2   # x and y in [-1, 1], concatenated to the UNet's input when model.unet_coord_channels
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
-    """Cross-attention at every resolution: the captions' words are all about where and what."""
+    """Cross-attention at every resolution: the captions' words are all about where and what.
+
+    unet_text_time_embedding adds an attention-pooled text embedding to the time embedding (diffusers'
+    addition_embed_type="text"), so every ResNet block sees the prompt, not only the attention layers;
+    unet_coord_channels gives each position its coordinates (CoordConv), so "left" and "top" have somewhere to bind.
+    """
     levels = len(cfg.unet_block_out_channels)
+    extra = {}
+    if cfg.unet_text_time_embedding:
+        extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cfg.cond_dim // 32)}
+    if cfg.unet_pooled_embedding:
+        # the text encoder's aligned embedding (B, embed_dim), through an MLP, added to the time embedding
+        extra.update(class_embed_type="projection", projection_class_embeddings_input_dim=cfg.embed_dim)
     return UNet2DConditionModel(
         sample_size=cfg.image_size // cfg.latent_downsample,
-        in_channels=cfg.latent_channels, out_channels=cfg.latent_channels,
+        in_channels=cfg.latent_channels + (COORD_CHANNELS if cfg.unet_coord_channels else 0),
+        out_channels=cfg.latent_channels,
         block_out_channels=tuple(cfg.unet_block_out_channels),
         layers_per_block=cfg.unet_layers_per_block,
         down_block_types=("CrossAttnDownBlock2D",) * levels,
@@ -29,68 +52,133 @@ def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
         cross_attention_dim=cfg.cond_dim,
         attention_head_dim=cfg.unet_attention_head_dim,
         norm_num_groups=math.gcd(32, *cfg.unet_block_out_channels),
+        **extra,
     )
 
 
-def build_noise_scheduler(timesteps: int) -> DDPMScheduler:
+def build_noise_scheduler(timesteps: int, objective: str = "epsilon"):
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown model.diffusion_objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
+    if objective == "flow":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=timesteps, shift=1.0)
     # The cosine schedule (Nichol & Dhariwal) suits small latents better than SD's scaled_linear.
     return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="epsilon", clip_sample=False)
+                         prediction_type=objective, clip_sample=False)
 
 
-def sampling_scheduler(name: str, noise_scheduler: DDPMScheduler):
-    """A sampler by name, sharing the training schedule's betas (diffusers' from_config)."""
+def is_flow(noise_scheduler) -> bool:
+    return isinstance(noise_scheduler, (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler))
+
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def sampling_scheduler(name: str, noise_scheduler, timestep_spacing: str = "trailing"):
+    """A sampler by name, sharing the training schedule (diffusers' from_config). "trailing" spacing starts at the
+    last training timestep, where the training noise is pure, as the sampler's starting noise is (Lin et al.)."""
     key = name.lower()
+    if timestep_spacing not in SPACINGS:
+        raise UserError(f"unknown timestep spacing '{timestep_spacing}'; choose one of {', '.join(SPACINGS)}")
+    if is_flow(noise_scheduler):
+        key = FLOW_ALIASES.get(key, key)
+        if key not in FLOW_SCHEDULERS:
+            raise UserError(f"unknown scheduler '{name}' for a flow model; choose one of {', '.join(FLOW_SCHEDULERS)}")
+        return FLOW_SCHEDULERS[key].from_config(noise_scheduler.config)
     if key not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
     extra = {"algorithm_type": "dpmsolver++"} if SCHEDULERS[key] is DPMSolverMultistepScheduler else {}
-    return SCHEDULERS[key].from_config(noise_scheduler.config, **extra)
+    return SCHEDULERS[key].from_config(noise_scheduler.config, timestep_spacing=timestep_spacing, **extra)
 
 
 class LatentDiffusion(nn.Module):
-    """Epsilon-prediction on normalised latents (B, Lc, h, w), conditioned on text_states (B, T, cond_dim)."""
+    """The denoiser on normalised latents (B, Lc, h, w), conditioned on text_states (B, T, cond_dim)."""
 
     def __init__(self, cfg: ModelConfig, timesteps: int, unet: UNet2DConditionModel | None = None,
-                 noise_scheduler: DDPMScheduler | None = None):
+                 noise_scheduler=None, snr_gamma: float = 0.0):
         super().__init__()
         self.unet = unet if unet is not None else build_unet(cfg)
-        self.noise_scheduler = noise_scheduler or build_noise_scheduler(timesteps)
+        self.noise_scheduler = noise_scheduler or build_noise_scheduler(timesteps, cfg.diffusion_objective)
         self.cond_drop_prob = cfg.cond_drop_prob
+        self.snr_gamma = snr_gamma
+        self.coord_channels = self.unet.config.in_channels - self.unet.config.out_channels
 
-    def training_loss(self, latents: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        B = latents.shape[0]
+    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents (B, Lc, h, w) -> what the UNet takes: the latents, plus coordinate channels if it has them."""
+        if not self.coord_channels:
+            return latents
+        B, _, h, w = latents.shape
+        ys = torch.linspace(-1, 1, h, device=latents.device, dtype=latents.dtype)
+        xs = torch.linspace(-1, 1, w, device=latents.device, dtype=latents.dtype)
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).flip(0)      # (2, h, w): x, then y
+        return torch.cat([latents, grid.expand(B, -1, -1, -1)], dim=1)
+
+    @property
+    def uses_pooled(self) -> bool:
+        return self.unet.config.class_embed_type == "projection"
+
+    def denoise(self, noisy: torch.Tensor, timesteps, text_states: torch.Tensor, text_mask: torch.Tensor,
+                pooled: torch.Tensor | None = None, unet: UNet2DConditionModel | None = None) -> torch.Tensor:
+        """One UNet evaluation: (B, Lc, h, w) noisy latents -> the objective's prediction, same shape.
+        pooled (B, embed_dim): the text embedding, for a UNet built with model.unet_pooled_embedding."""
+        unet = unet or self.unet
+        return unet(self.unet_input(noisy), timesteps, encoder_hidden_states=text_states,
+                    encoder_attention_mask=text_mask, class_labels=pooled if self.uses_pooled else None).sample
+
+    def training_loss(self, latents: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
+                      pooled: torch.Tensor | None = None) -> torch.Tensor:
+        B, device = latents.shape[0], latents.device
         noise = torch.randn_like(latents)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (B,), device=latents.device)
+        # Classifier-free guidance: the null condition is all-zero states (and embedding), the same at sampling.
+        keep = (torch.rand(B, 1, 1, device=device) >= self.cond_drop_prob).to(text_states.dtype)
+        states = text_states * keep
+        if pooled is not None:
+            pooled = pooled * keep[:, 0]
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if is_flow(self.noise_scheduler):
+            # Logit-normal times (SD3): most samples where the velocity is hardest to guess.
+            sigmas = torch.sigmoid(torch.randn(B, device=device))
+            s = sigmas.view(B, 1, 1, 1)
+            pred = self.denoise((1 - s) * latents + s * noise, sigmas * steps, states, text_mask, pooled)
+            return F.mse_loss(pred.float(), (noise - latents).float())
+        timesteps = torch.randint(0, steps, (B,), device=device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        # Classifier-free guidance: the null condition is all-zero states, the same at sampling time.
-        keep = (torch.rand(B, 1, 1, device=latents.device) >= self.cond_drop_prob).to(text_states.dtype)
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=text_states * keep,
-                         encoder_attention_mask=text_mask).sample
-        return F.mse_loss(pred.float(), noise.float())
+        pred = self.denoise(noisy, timesteps, states, text_mask, pooled)
+        objective = self.noise_scheduler.config.prediction_type
+        target = noise if objective == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        if not self.snr_gamma:
+            return F.mse_loss(pred.float(), target.float())
+        # min-SNR-gamma: caps the weight of nearly clean timesteps, whose easy gradients crowd out the rest.
+        snr = compute_snr(self.noise_scheduler, timesteps).clamp(min=1e-8)
+        weight = snr.clamp(max=self.snr_gamma) / (snr + 1 if objective == "v_prediction" else snr)
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return (per_sample * weight).mean()
 
     @torch.no_grad()
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, latent_shape: tuple[int, ...],
                scheduler, num_inference_steps: int, guidance_scale: float,
                generator: torch.Generator | list[torch.Generator] | None = None,
-               unet: UNet2DConditionModel | None = None) -> torch.Tensor:
+               unet: UNet2DConditionModel | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
         """Denoises from Gaussian noise; returns normalised latents (B, Lc, h, w). guidance_scale 1 skips the
         unconditional pass."""
-        unet = unet or self.unet
         B, device = text_states.shape[0], text_states.device
         if isinstance(generator, list):  # one generator per image keeps batched output equal to one-by-one
             latents = torch.cat([torch.randn((1, *latent_shape), generator=g, device=device) for g in generator])
         else:
             latents = torch.randn((B, *latent_shape), generator=generator, device=device)
         scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = latents * scheduler.init_noise_sigma
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         guided = guidance_scale != 1.0
         states = torch.cat([torch.zeros_like(text_states), text_states]) if guided else text_states
         mask = torch.cat([text_mask, text_mask]) if guided else text_mask
+        if pooled is not None and guided:
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
         for t in scheduler.timesteps:
-            model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
-            eps = unet(model_in, t, encoder_hidden_states=states, encoder_attention_mask=mask).sample
+            model_in = torch.cat([latents] * 2) if guided else latents
+            if hasattr(scheduler, "scale_model_input"):
+                model_in = scheduler.scale_model_input(model_in, t)
+            pred = self.denoise(model_in, t, states, mask, pooled, unet)
             if guided:
-                uncond, cond = eps.chunk(2)
-                eps = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(eps, t, latents).prev_sample
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            latents = scheduler.step(pred, t, latents).prev_sample
         return latents

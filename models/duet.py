@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from configs.schema import DuetConfig
 from models.caption_decoder import CaptionDecoder
-from models.diffusion import LatentDiffusion
+from models.diffusion import LatentDiffusion, sampling_scheduler
 from models.image_decoder import ImageDecoder
 from models.image_encoder import build_image_encoder
 from models.losses import contrastive_loss
@@ -32,7 +32,7 @@ class DuetModel(nn.Module):
         self.caption_decoder = CaptionDecoder(
             m, self.image_encoder.token_dim, bert.config.vocab_size, bos_id=tokenizer.cls_token_id,
             eos_id=tokenizer.sep_token_id, pad_id=tokenizer.pad_token_id, unk_id=tokenizer.unk_token_id)
-        self.diffusion = LatentDiffusion(m, cfg.train.diffusion_timesteps, unet, noise_scheduler)
+        self.diffusion = LatentDiffusion(m, cfg.train.diffusion_timesteps, unet, noise_scheduler, cfg.train.snr_gamma)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         # Diffusion runs on latents * latent_scale (about unit variance); decoding divides it back out.
         self.register_buffer("latent_scale", torch.tensor(1.0))
@@ -69,7 +69,17 @@ class DuetModel(nn.Module):
 
     def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) -> the states (B, T, cond_dim) the UNet cross-attends to."""
-        return self.text_encoder(input_ids, attention_mask)[1]
+        return self.text_condition(input_ids, attention_mask)[0]
+
+    def text_condition(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(B, T) -> what the UNet is conditioned on: the states (B, T, cond_dim) it cross-attends to and, when it
+        was built with model.unet_pooled_embedding, the normalised text embedding (B, E) (else None)."""
+        embeds, states = self.text_encoder(input_ids, attention_mask)
+        return states, self.pooled_embedding(embeds)
+
+    def pooled_embedding(self, text_embeds: torch.Tensor) -> torch.Tensor | None:
+        # detached: the diffusion loss must not move the aligned space (as with the latents below)
+        return F.normalize(text_embeds, dim=-1).detach() if self.diffusion.uses_pooled else None
 
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) -> normalised latents (B, Lc, h, w), the diffusion model's space."""
@@ -85,9 +95,10 @@ class DuetModel(nn.Module):
         momentum = max(LATENT_SCALE_MOMENTUM, 1.0 / float(self.latent_scale_updates))
         self.latent_scale.lerp_(1.0 / latents.float().std().clamp(min=1e-4), momentum)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict, with_diffusion: bool = True) -> dict[str, torch.Tensor]:
         """batch: images (B, 3, H, W), input_ids and attention_mask (B, T) -> loss, cont, rec, diff, i2t, t2i
-        (plus the two halves of rec: img_rec and cap)."""
+        (plus the two halves of rec: img_rec and cap). with_diffusion=False leaves the UNet out (diff is 0): the
+        joint phase of a run whose UNet trains afterwards on frozen features (train.joint_steps)."""
         t = self.config.train
         images, input_ids, attention_mask = batch["images"], batch["input_ids"], batch["attention_mask"]
         # Captions are padded to max_caption_len; the columns past the longest one only cost BERT time.
@@ -102,7 +113,11 @@ class DuetModel(nn.Module):
         if self.training:
             self._track_latent_scale(encoded["latents"])
         # detach: the diffusion loss must not pull the autoencoder's latent towards what is easy to denoise.
-        diff = self.diffusion.training_loss(encoded["latents"].detach() * self.latent_scale, text_states, attention_mask)
+        if with_diffusion:
+            diff = self.diffusion.training_loss(encoded["latents"].detach() * self.latent_scale, text_states,
+                                                attention_mask, self.pooled_embedding(text_embeds))
+        else:
+            diff = torch.zeros((), device=images.device)
         rec = img_rec + cap
         loss = t.contrastive_weight * cont + t.recon_weight * rec + t.diffusion_weight * diff
         return {"loss": loss, "cont": cont, "rec": rec, "diff": diff, "i2t": i2t, "t2i": t2i,
@@ -114,12 +129,23 @@ class DuetModel(nn.Module):
         token_ids = self.caption_decoder.greedy(self.image_encoder(images)["tokens"], max_length)
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
 
+    def sampler(self, name: str | None = None):
+        """A diffusers sampler by name (default: the config's sample.scheduler) with the config's spacing."""
+        sample = self.config.sample
+        return sampling_scheduler(name or sample.scheduler, self.diffusion.noise_scheduler, sample.timestep_spacing)
+
     @torch.no_grad()
-    def generate_images(self, texts: list[str], scheduler, num_inference_steps: int = 50, guidance_scale: float = 3.0,
-                        generator=None, unet=None) -> torch.Tensor:
-        """texts -> images (B, 3, H, W) in [-1, 1]; pass the EMA UNet as `unet` to sample with it."""
+    def generate_images(self, texts: list[str], scheduler=None, num_inference_steps: int | None = None,
+                        guidance_scale: float | None = None, generator=None, unet=None) -> torch.Tensor:
+        """texts -> images (B, 3, H, W) in [-1, 1]. scheduler: a sampler object or name; it, the steps and the
+        guidance default to the config's sample section. Pass the EMA UNet as `unet` to sample with it."""
+        sample = self.config.sample
+        if scheduler is None or isinstance(scheduler, str):
+            scheduler = self.sampler(scheduler)
+        num_inference_steps = num_inference_steps or sample.steps
+        guidance_scale = sample.guidance_scale if guidance_scale is None else guidance_scale
         tokens = self.tokenize(texts)
-        states = self.text_states(tokens["input_ids"], tokens["attention_mask"])
+        states, pooled = self.text_condition(tokens["input_ids"], tokens["attention_mask"])
         latents = self.diffusion.sample(states, tokens["attention_mask"], self.latent_shape, scheduler,
-                                        num_inference_steps, guidance_scale, generator, unet)
+                                        num_inference_steps, guidance_scale, generator, unet, pooled)
         return self.decode_latents(latents).clamp(-1, 1)

@@ -64,6 +64,13 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return self.heads(hidden, attention_mask)
+
+    def heads(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT's last hidden states (B, T, H) -> embeds (B, E) and text_states (B, T, cond_dim); the diffusion
+        phase calls this on cached states."""
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # mean pooling, as all-MiniLM-L6-v2 was trained
-        return self.embed(pooled), self.to_states(hidden)
+        # Padding states are zeroed: attention masks them anyway, and a pooled embedding of the states
+        # (the UNet's text-time embedding) then depends on the words alone.
+        return self.embed(pooled), self.to_states(hidden) * mask

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.errors import UserError
+from configs.schema import SampleConfig
 from inference import resolve_device
 
 _WORD_PIECE = re.compile(r"^[a-z]+$")          # BERT whole-word tokens ("##ing", "[unused3]", "," excluded)
@@ -118,16 +119,14 @@ class DuetBackend(Backend):
 
     name = "duet"
 
-    def __init__(self, model, checkpoint: Path | None = None, scheduler: str = "ddim"):
-        from models.diffusion import sampling_scheduler
-
+    def __init__(self, model, checkpoint: Path | None = None, scheduler: str | None = None):
         self.model = model.eval().requires_grad_(False)
         self.checkpoint = checkpoint
         self.source = str(checkpoint) if checkpoint else "in-memory model"
         self.tokenizer = model.tokenizer
         self.device = model.logit_scale.device
         self.image_size = model.config.model.image_size
-        self.scheduler = sampling_scheduler(scheduler, model.diffusion.noise_scheduler)
+        self.scheduler = model.sampler(scheduler)   # None: the checkpoint's sample.scheduler
         self.logit_scale = float(model.logit_scale.detach().exp().clamp(max=100))
 
     @torch.no_grad()
@@ -172,7 +171,8 @@ class DuetBackend(Backend):
         return {"duet": self.model}
 
 
-def load_duet_backend(checkpoint: str | Path | None, device: torch.device, scheduler: str = "ddim") -> DuetBackend:
+def load_duet_backend(checkpoint: str | Path | None, device: torch.device,
+                      scheduler: str | None = None) -> DuetBackend:
     """Loads a Duet checkpoint (default: the newest under outputs/); it must hold a trained text-to-image model."""
     from models.checkpoint import find_latest_checkpoint, load_checkpoint, read_config
 
@@ -286,7 +286,8 @@ class StableDiffusionBackend(Backend):
         for start in range(0, len(prompts), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]  # CPU RNG: same on any device
-            out = self.pipe(prompt=list(prompts[chunk]), num_inference_steps=steps, guidance_scale=guidance,
+            out = self.pipe(prompt=list(prompts[chunk]), num_inference_steps=steps or SampleConfig.steps,
+                            guidance_scale=SampleConfig.guidance_scale if guidance is None else guidance,
                             generator=generators, output_type="pt")
             images.append(out.images.float() * 2 - 1)    # (b, 3, H, W) in [0, 1] -> [-1, 1]
         return torch.cat(images)
@@ -315,7 +316,7 @@ def build_backend(args) -> Backend:
     """The backend the launcher's flags describe: --backend duet (--checkpoint) or sd (--model-path, --clip-path)."""
     device = resolve_device(getattr(args, "device", "auto"))
     if args.backend == "duet":
-        return load_duet_backend(args.checkpoint, device, getattr(args, "scheduler", "ddim"))
+        return load_duet_backend(args.checkpoint, device, getattr(args, "scheduler", None))
     if args.backend == "sd":
         if not args.model_path or not args.clip_path:
             raise UserError("--backend sd needs --model-path (a Stable Diffusion diffusers folder) and --clip-path "

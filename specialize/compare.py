@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fd-real-images", type=int, default=500, help="real val images for the Fréchet distance")
     g.add_argument("--grid-rows", type=int, default=10, help="prompts shown in compare_grid.png")
     add_shared_argument(parser, "--sample-steps", type=int, default=20, help="denoising steps per image")
-    add_shared_argument(parser, "--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    add_shared_argument(parser, "--scheduler", default="ddim", help="sampler: ddim | dpm++ | euler | ddpm")
+    add_shared_argument(parser, "--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the checkpoint's sample.guidance_scale)")
+    add_shared_argument(parser, "--scheduler", default=None,
+                        help="sampler: ddim | dpm++ | euler | ddpm (default: the checkpoint's sample.scheduler)")
 
 
 # --- what is compared ------------------------------------------------------------------------------------------
@@ -363,7 +365,9 @@ def run(args) -> dict:
     report = {
         "backend": base_tunable.name, "base": base_tunable.source, "dataset": args.dataset,
         "prompts": len(prompts) // args.images_per_prompt, "images_per_prompt": args.images_per_prompt,
-        "sample_steps": args.sample_steps, "guidance": args.guidance, "scheduler": args.scheduler, "seed": args.seed,
+        "sample_steps": args.sample_steps, "seed": args.seed,
+        "guidance": "checkpoint default" if args.guidance is None else args.guidance,
+        "scheduler": args.scheduler or "checkpoint default",
         "judge": None if judge is None else type(judge).__name__,
         "fd_label": None if judge is None else judge.label, "fd_real_images": len(real_images),
         "classifier_test_accuracy": getattr(classifier, "test_accuracy", None),

@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_out_in_dataset(args) -> None:
+    """--out must not land in the data it reads (fine-tuning rotates checkpoint-* folders there)."""
+    from data.datasets import refuse_inside_dataset
+    from data.fashion import complete_fashion_sets
+
+    folders = complete_fashion_sets(args.data_root) if args.dataset == "fashion" else [args.dataset]
+    for folder in folders:
+        refuse_inside_dataset(args.out, folder, "--out", "choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -64,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        refuse_out_in_dataset(args)
         for mode in (MODES if args.mode == "all" else (args.mode,)):
             mode_module(mode).run(args)
     except UserError as err:

@@ -40,7 +40,7 @@ class PromptOptSettings:
     num_images: int = 2            # images per prompt (selection seeds)
     heldout_images: int = 2        # images per prompt on the held-out seeds; 0 skips the held-out check
     sample_steps: int = 20
-    guidance: float = 3.0
+    guidance: float | None = None         # None: the generator's default (a Duet checkpoint's sample section)
     budget: int = 10               # evaluations (generation rounds) per target, the naive prompt included
     patience: int = 4              # stop after this many evaluations without a gain; 0: never
     min_delta: float = 0.0
@@ -74,8 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--heldout-images", type=int, default=d.heldout_images,
                    help="images per prompt on fresh seeds to re-score naive vs chosen (0: skip)")
     g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="denoising steps per image")
-    g.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale")
-    g.add_argument("--scheduler", default="ddim", help="Duet sampler: ddim | dpm++ | euler | ddpm")
+    g.add_argument("--guidance", type=float, default=d.guidance,
+                   help="classifier-free guidance scale (default: the checkpoint's sample.guidance_scale)")
+    g.add_argument("--scheduler", help="Duet sampler: ddim | dpm++ | euler | ddpm (default: the checkpoint's)")
     g.add_argument("--budget", type=int, default=d.budget, help="evaluations per target, naive included")
     g.add_argument("--patience", type=int, default=d.patience, help="early stop after N evaluations without gain")
     g.add_argument("--pez-steps", type=int, default=d.pez_steps, help="PEZ optimisation steps")

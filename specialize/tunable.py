@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.errors import UserError
+from configs.schema import SampleConfig
 
 MEMO_BYTES = 512 * 2**20  # memoised latents and text states stop growing past this
 
@@ -44,7 +45,7 @@ class Tunable:
         raise NotImplementedError
 
     def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                 scheduler: str = "ddim") -> torch.Tensor:
+                 scheduler: str | None = None) -> torch.Tensor:
         """One image per (prompt, seed) -> (B, 3, H, W) in [-1, 1]."""
         raise NotImplementedError
 
@@ -78,6 +79,7 @@ class DuetTunable(Tunable):
         # frozen text encoder's states for a caption (the fashion captions repeat). Both are computed once.
         self.latent_memo: dict[int, torch.Tensor] = {}
         self.state_memo: dict[str, torch.Tensor] = {}
+        self.pooled_memo: dict[str, torch.Tensor] = {}
         self.memo_bytes = 0
 
     def full_text_modules(self):
@@ -102,11 +104,15 @@ class DuetTunable(Tunable):
         latents = self._memoised(self.latent_memo, batch["image_id"].tolist(),
                                  lambda rows: self.model.encode_latents(images[rows]))  # (B, Lc, h, w)
         if train_text:
-            states = self.model.text_states(input_ids, mask)                             # (B, T, D)
+            states, pooled = self.model.text_condition(input_ids, mask)                  # (B, T, D), (B, E)
         else:
             states = self._memoised(self.state_memo, list(batch["caption"]),
                                     lambda rows: self.model.text_states(input_ids[rows], mask[rows]))
-        loss = self.model.diffusion.training_loss(latents, states, mask)
+            pooled = None
+            if self.model.diffusion.uses_pooled:
+                pooled = self._memoised(self.pooled_memo, list(batch["caption"]),
+                                        lambda rows: self.model.text_condition(input_ids[rows], mask[rows])[1])
+        loss = self.model.diffusion.training_loss(latents, states, mask, pooled)
         if train_decoder:
             # The encoder stays frozen, so the latents the UNet learns keep their meaning (as sd-vae-ft-mse tuned
             # only SD's VAE decoder); the decoder learns to draw the domain from them.
@@ -114,12 +120,9 @@ class DuetTunable(Tunable):
         return loss
 
     @torch.no_grad()
-    def generate(self, prompts, seeds, steps, guidance, scheduler="ddim"):
-        from models.diffusion import sampling_scheduler
-
-        sampler = sampling_scheduler(scheduler, self.model.diffusion.noise_scheduler)
+    def generate(self, prompts, seeds, steps, guidance, scheduler=None):
         generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        return self.model.generate_images(list(prompts), sampler, steps, guidance, generator=generators)
+        return self.model.generate_images(list(prompts), scheduler, steps, guidance, generator=generators)
 
     def save_model(self, folder):
         from models.checkpoint import save_checkpoint
@@ -166,14 +169,15 @@ class StableDiffusionTunable(Tunable):
         return F.mse_loss(pred.float(), target.float())
 
     @torch.no_grad()
-    def generate(self, prompts, seeds, steps, guidance, scheduler="ddim"):
+    def generate(self, prompts, seeds, steps, guidance, scheduler=None):
         from models.diffusion import sampling_scheduler
 
         # The pipeline's own sampler unless one is named; same seeds -> same images for base and tuned.
         if scheduler:
             self.pipe.scheduler = sampling_scheduler(scheduler, self.noise_scheduler)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU RNG: the same on any device
-        out = self.pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance,
+        out = self.pipe(prompt=list(prompts), num_inference_steps=steps or SampleConfig.steps,
+                        guidance_scale=SampleConfig.guidance_scale if guidance is None else guidance,
                         generator=generators, output_type="pt")
         return out.images.float() * 2 - 1                                         # [0, 1] -> [-1, 1]
 

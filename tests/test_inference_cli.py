@@ -18,6 +18,7 @@ from PIL import Image
 import inference
 import test_generation
 from configs.loading import load_config
+from data.embedded import embedded_folder
 from models.checkpoint import save_checkpoint
 from models.duet import DuetModel
 
@@ -234,8 +235,8 @@ def test_real_process_bad_image_exits_2_with_one_line(workspace, tmp_path):
 
 def test_generation_report_on_the_embedded_world(workspace, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = test_generation.main(["--checkpoint", str(workspace["checkpoint"]), "--steps", "1",
-                                 "--num-captions", "3", "--out-dir", str(tmp_path / "samples")])
+    code = test_generation.main(["--checkpoint", str(workspace["checkpoint"]), "--steps", "1", "--min-t2i", "0",
+                                 "--min-i2t", "0", "--num-captions", "3", "--out-dir", str(tmp_path / "samples")])
     out, err = capsys.readouterr()
     report = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and report["ok"]
@@ -243,11 +244,22 @@ def test_generation_report_on_the_embedded_world(workspace, capsys, tmp_path, mo
     assert all(Path(p).is_file() for p in report["t2i"]["paths"])
     assert len(report["i2t"]["captions"]) == 3 and len(report["i2t"]["references"]) == 3
     # Val captions are the prompts, and both directions get oracle scores in [0, 1].
-    val = json.loads((workspace["root"] / "data" / "embedded" / "captions_val.json").read_text())
+    val = json.loads((embedded_folder(workspace["root"] / "data", 8, 6, 0) / "captions_val.json").read_text())
     assert report["t2i"]["prompts"][0] in [a["caption"] for a in val["annotations"]]
+    assert report["oracle"]["n"] == 6  # every val image, up to 48, is read for the thresholds
     for direction in ("t2i", "i2t"):
         assert set(report["oracle"][direction]) >= {"colour", "shape", "all"}
         assert all(0 <= v <= 1 for v in report["oracle"][direction].values())
+
+
+def test_generation_fails_below_the_oracle_thresholds(workspace, capsys, tmp_path):
+    """An untrained model draws nothing the oracle reads as its prompt: "ok" must not be printed for it."""
+    code = test_generation.main(["--checkpoint", str(workspace["checkpoint"]), "--steps", "1", "--min-t2i", "0.9",
+                                 "--out-dir", str(tmp_path / "samples")])
+    out, err = capsys.readouterr()
+    assert code == 1 and not json.loads(out.strip().splitlines()[-1])["ok"]
+    problems = [line for line in err.splitlines() if line.startswith("problem:")]
+    assert any("of generated images right, below --min-t2i 90%" in line for line in problems)
 
 
 def test_generation_without_the_dataset_uses_fixed_prompts(workspace, capsys, tmp_path):
@@ -256,3 +268,24 @@ def test_generation_without_the_dataset_uses_fixed_prompts(workspace, capsys, tm
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and len(report["t2i"]["paths"]) == 5 and report["i2t"]["captions"] == []
     assert test_generation.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_never_replaces_a_file_without_overwrite(workspace, capsys, tmp_path):
+    out = tmp_path / "gen.png"
+    args = ("--checkpoint", workspace["checkpoint"], "--text", "a red circle", "--steps", 1, "--seed", 0,
+            "--output", out)
+    assert run_cli(capsys, *args)[0] == 0
+    before = out.read_bytes()
+    code, _, err = run_cli(capsys, *args, "--seed", 1)
+    assert code == 2 and err.startswith(f"error: {out} exists; pass --overwrite") and err.count("\n") == 1
+    assert out.read_bytes() == before
+    assert run_cli(capsys, *args, "--seed", 1, "--overwrite")[0] == 0 and out.read_bytes() != before
+
+
+def test_cli_never_writes_into_the_folder_it_reads(workspace, capsys, tmp_path):
+    folder = tmp_path / "images"
+    shutil.copytree(workspace["images"], folder)
+    listing = sorted(p.name for p in folder.iterdir())
+    code, _, err = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--image", folder,
+                           "--output", folder / "captions.json")
+    assert code == 2 and "inside the input folder" in err and sorted(p.name for p in folder.iterdir()) == listing

@@ -171,8 +171,8 @@ def diverged(tiny_bert, data_root, tmp_path_factory):
     """A run whose loss is NaN from its 5th step on: (exit code, stderr, run folder)."""
     original_forward, calls = DuetModel.forward, []
 
-    def nan_from_the_fifth_step(self, batch):
-        out = original_forward(self, batch)
+    def nan_from_the_fifth_step(self, batch, **kwargs):
+        out = original_forward(self, batch, **kwargs)
         if self.training:
             calls.append(1)
             if len(calls) >= 5:

@@ -49,3 +49,13 @@ def all_reduce_mean(value: torch.Tensor, ctx: DistributedContext) -> torch.Tenso
         dist.all_reduce(value)
         value /= ctx.world_size
     return value
+
+
+def all_reduce_grads(parameters, ctx: DistributedContext) -> None:
+    """Averages gradients across ranks, for losses computed outside the DDP wrapper (the diffusion phase)."""
+    if not ctx.enabled:
+        return
+    for param in parameters:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= ctx.world_size

@@ -21,10 +21,11 @@ from configs.errors import UserError
 from configs.loading import config_to_dict, config_to_json
 from configs.schema import DuetConfig
 from models.checkpoint import load_checkpoint, load_trainer_state, read_config, save_checkpoint
-from models.diffusion import sampling_scheduler
 from models.duet import DuetModel
 from models.text_encoder import load_text_backbone
-from training.distributed import DistributedContext, all_reduce_mean, init_distributed, shutdown_distributed
+from training.distributed import (DistributedContext, all_reduce_grads, all_reduce_mean, init_distributed,
+                                  shutdown_distributed)
+from training.features import build_frozen_features, diffusion_phase_losses
 from training.figures import loss_curve_png, sample_sheet_png, to_pil
 from training.optim import build_optimizer, warmup_cosine
 from training.state import (CHECKPOINT_PREFIX, EpochSampler, resolve_resume, restore_rng_state, rng_state,
@@ -32,9 +33,12 @@ from training.state import (CHECKPOINT_PREFIX, EpochSampler, resolve_resume, res
 
 BAR_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i")
 LOG_KEYS = BAR_KEYS + ("img_rec", "cap")
+# The diffusion phase trains the UNet and both decoders on frozen features: no contrastive term to show.
+DIFFUSION_KEYS = ("loss", "rec", "diff", "img_rec", "cap")
+TIMING_STEPS = 10   # diffusion-phase steps timed before its length is fixed under a time budget
 # Train-section keys a resumed run may change; everything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
-                     "val_batches", "save_every_steps", "keep_checkpoints", "sample_steps", "out_dir", "run_name"}
+                     "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name"}
 NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
 
 
@@ -53,6 +57,8 @@ def _check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
         for key, value in values.items():
             if section == "train" and key in RESUMABLE_CHANGES:
                 continue
+            if section == "sample":
+                continue  # sampling defaults do not touch training
             if section == "model" and key == "caption_vocab_size":
                 continue  # filled in from the data at start
             if mine[section][key] != value:
@@ -61,7 +67,19 @@ def _check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
 
 
 def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext) -> Path:
-    run_dir = Path(cfg.train.out_dir) / (cfg.train.run_name or dataset_name)
+    """<train.out_dir>/<train.run_name or the dataset's safe name>, never in the dataset's folder: a folder
+    dataset's path as the run name would otherwise swallow out_dir and write the run into the user's data."""
+    from data.datasets import dataset_path, refuse_inside_dataset, safe_dataset_name
+
+    out_dir, name = Path(cfg.train.out_dir), cfg.train.run_name
+    if name and (Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts):
+        raise UserError(f"train.run_name '{name}' must be a folder name inside train.out_dir "
+                        "(not absolute, no '..'); or leave it empty to name the run after the dataset")
+    run_dir = out_dir / (name or safe_dataset_name(dataset_name))
+    # Checked on every rank (no process may go on alone), before anything is created.
+    data = dataset_path(cfg, dataset_name)
+    refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out-dir PATH")
+    refuse_inside_dataset(run_dir, data, "the run folder", "choose another train.out_dir or train.run_name")
     if ctx.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -92,9 +110,10 @@ class Trainer:
     """Holds everything a step needs; `run()` below is the entry point."""
 
     def __init__(self, cfg: DuetConfig, resume: str | None, ctx: DistributedContext):
-        from data.datasets import build_datasets, caption_token_ids, resolve_dataset_name
+        from data.datasets import build_datasets, caption_token_ids, resolve_dataset_name, skipped_at_build
 
         self.cfg, self.ctx, t = cfg, ctx, cfg.train
+        self.started = time.time()  # train.max_minutes counts data preparation too
         self.dataset_name = resolve_dataset_name(cfg)
         _log(ctx, f"dataset: {self.dataset_name} ({cfg.data.dataset} requested)")
         self.run_dir = _make_run_dir(cfg, self.dataset_name, ctx)
@@ -126,15 +145,28 @@ class Trainer:
         self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // t.grad_accum_steps)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.warmup_steps = int(t.warmup_epochs * self.steps_per_epoch)
+        # train.joint_steps splits the run: everything jointly, then the UNet and decoders on frozen features.
+        self.joint_end = t.joint_steps if 0 < t.joint_steps < self.total_steps else self.total_steps
+        self.features, self.diffusion_end = None, self.total_steps
+        if self.joint_end < self.total_steps:
+            # untouched until the diffusion phase (DDP requires every trained parameter to get a gradient)
+            self.model.diffusion.unet.requires_grad_(False)
+            self.model.text_encoder.to_states.requires_grad_(False)
         self.optimizer = build_optimizer(self.model, t.learning_rate, t.weight_decay)
+        # With a diffusion phase the joint phase has a schedule of its own, so the encoders freeze converged.
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.warmup_steps, self.total_steps))
+            self.optimizer, warmup_cosine(self.warmup_steps, self.joint_end))
         unet = self.model.diffusion.unet
         # EMA warmup lets the average follow the fast early changes of a short run.
         self.ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, model_cls=UNet2DConditionModel,
                             model_config=unet.config) if ctx.is_main else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        self.best_val_loss, self.bad_steps, self.skipped_images = math.inf, 0, 0
+        # The cache leaves unreadable images out when it is built, so no batch reports them: the count starts there.
+        self.best_val_loss, self.bad_steps, self.skipped_images = math.inf, 0, skipped_at_build(self.train_set)
+        if self.skipped_images:
+            _log(ctx, f"{self.skipped_images} unreadable train images skipped (left out of the image cache)")
+        self.window, self.warned, self.last_val_step, self.final_cost = [], False, -1, 0.0
+        self.autocast, self.scaler = _autocast(cfg, ctx.device)
         if resume_dir is not None:
             self._restore(resume_dir)
 
@@ -144,13 +176,14 @@ class Trainer:
         if ctx.enabled:
             self.train_module = DistributedDataParallel(
                 self.train_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
-        self.autocast, self.scaler = _autocast(cfg, ctx.device)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tensorboard = self._tensorboard()
-        self.started = time.time()
 
     def _restore(self, folder: Path) -> None:
         state = load_trainer_state(folder)
+        self.step = state["step"]
+        if state.get("diffusion_end"):
+            self._enter_diffusion_phase(state["diffusion_end"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -204,7 +237,8 @@ class Trainer:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.train_module.no_sync()
             with sync, self.autocast():
-                out = self.train_module(_to_device(batch, self.ctx.device))
+                out = self.train_module(_to_device(batch, self.ctx.device),
+                                        with_diffusion=self.joint_end == self.total_steps)
                 loss = out["loss"] / len(micro_batches)
             if not torch.isfinite(loss):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -212,6 +246,14 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             for k in LOG_KEYS:
                 sums[k] += out[k].detach().item() / len(micro_batches)
+        return self._optimizer_step(sums)
+
+    def _optimizer_step(self, sums: dict, manual_sync: bool = False) -> dict | None:
+        """Clips, steps the optimizer, LR schedule and EMA after backward(); None when the gradients are not finite.
+        manual_sync: the loss did not go through the DDP wrapper, so gradients are averaged here."""
+        t = self.cfg.train
+        if manual_sync:
+            all_reduce_grads(self.model.parameters(), self.ctx)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
@@ -225,9 +267,62 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.lr_schedule.step()
-        if self.ema is not None:
+        if self.ema is not None and (self.features is not None or self.joint_end == self.total_steps):
             self.ema.step(self.model.diffusion.unet.parameters())
         return {k: float(all_reduce_mean(torch.tensor(v), self.ctx)) for k, v in sums.items()}
+
+    def _enter_diffusion_phase(self, diffusion_end: int | None = None) -> None:
+        """Freezes the encoders, caches what the UNet and decoders need from them, and starts a new optimizer for
+        the UNet (with the text-state projection) and the two decoders."""
+        t, model = self.cfg.train, self.model
+        started = time.time()
+        model.requires_grad_(False)
+        trained = (model.diffusion.unet, model.text_encoder.to_states, model.caption_decoder, model.image_decoder)
+        for module in trained:
+            module.requires_grad_(True)
+        self.features = build_frozen_features(model, self.train_set, t.diffusion_captions_per_image, self.ctx.device,
+                                              self.autocast)
+        readable = self.features.readable.numpy()
+        self.readable_images = torch.from_numpy(readable.nonzero()[0])
+        self.caption_rows = torch.from_numpy(readable[self.train_set.index.caption_image].nonzero()[0])
+        _log(self.ctx, f"diffusion phase from step {self.step}: encoders frozen; cached the latents of "
+                       f"{len(self.readable_images)} images and the BERT states of {len(self.features)} captions "
+                       f"in {time.time() - started:.0f} s")
+        diffusion_lr = t.diffusion_learning_rate or t.learning_rate
+        self.optimizer = build_optimizer(model, t.learning_rate, t.weight_decay,
+                                         {"diffusion.unet.": diffusion_lr, "text_encoder.to_states.": diffusion_lr})
+        self.diffusion_end = diffusion_end or self.total_steps
+        # Counted from the phase's first step; the length may still be fixed by _plan_diffusion_phase.
+        warmup = min(t.diffusion_warmup_steps, max(1, (self.diffusion_end - self.joint_end) // 10))
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: warmup_cosine(warmup, self.diffusion_end - self.joint_end)(i))
+        if self.ema is not None:
+            # The average starts here: before, the UNet did not train.
+            unet = model.diffusion.unet
+            self.ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True,
+                                model_cls=UNet2DConditionModel, model_config=unet.config)
+
+    def _phase_batch(self) -> torch.Generator:
+        """This step's batch generator: a function of (seed, rank, step), so a resumed run draws the same batches."""
+        return torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.ctx.rank) * 1_000_003 + self.step)
+
+    def _diffusion_step(self) -> dict | None:
+        """One step of the diffusion phase: the diffusion loss on cached latents and BERT states, plus the two
+        decoders' losses on the frozen encoder's latents and tokens; None when the loss was not finite."""
+        t, f, device = self.cfg.train, self.features, self.ctx.device
+        generator = self._phase_batch()
+        rows = torch.randint(len(f), (t.diffusion_batch_size or t.batch_size,), generator=generator)
+        captions = self.caption_rows[torch.randint(len(self.caption_rows), (t.batch_size,), generator=generator)]
+        images = self.readable_images[torch.randint(len(self.readable_images),
+                                                    (t.image_decoder_batch_size or t.batch_size,), generator=generator)]
+        with self.autocast():
+            out = diffusion_phase_losses(self.model, f, self.train_set, rows, captions, images, device)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return self._optimizer_step({k: float(v.detach()) for k, v in out.items()}, manual_sync=True)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -259,9 +354,8 @@ class Trainer:
         self.ema.store(self.model.diffusion.unet.parameters())
         self.ema.copy_to(self.model.diffusion.unet.parameters())
         try:
-            scheduler = sampling_scheduler("ddim", self.model.diffusion.noise_scheduler)
             generator = torch.Generator(self.ctx.device).manual_seed(0)
-            generated = self.model.generate_images(prompts, scheduler, t.sample_steps, 3.0, generator)
+            generated = self.model.generate_images(prompts, generator=generator)
             images = torch.stack([s["images"] for s in val]).to(self.ctx.device)
             captions = self.model.caption(images)
         finally:
@@ -275,7 +369,8 @@ class Trainer:
         if with_state:
             state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                      "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                     "best_val_loss": self.best_val_loss, "skipped_images": self.skipped_images, "rng": rng_state()}
+                     "best_val_loss": self.best_val_loss, "skipped_images": self.skipped_images, "rng": rng_state(),
+                     "diffusion_end": self.diffusion_end if self.features is not None else 0}
         folder = save_checkpoint(self.model, self.run_dir / name, ema=self.ema, trainer_state=state)
         if name.startswith(CHECKPOINT_PREFIX):
             write_latest(self.run_dir, folder)
@@ -285,7 +380,7 @@ class Trainer:
     def _after_validation(self, val: dict) -> None:
         _log(self.ctx, f"step {self.step}: val_loss {val['val_loss']:.4f} i2t {val['val_i2t']:.3f} "
                        f"t2i {val['val_t2i']:.3f}")
-        self._write_metrics({"step": self.step, "epoch": self.epoch, **val})
+        self._write_metrics({"step": self.step, "epoch": self.epoch, **val, "skipped_images": self.skipped_images})
         if not self.ctx.is_main:
             return
         if val["val_loss"] < self.best_val_loss:
@@ -306,6 +401,110 @@ class Trainer:
             return True
         return warned
 
+    def _record_step(self, metrics: dict | None, keys: tuple[str, ...], bar) -> bool:
+        """Bookkeeping after a step: NaN guard, progress bar, log rows, validation. False when it was skipped."""
+        t, ctx = self.cfg.train, self.ctx
+        if metrics is None:
+            self.bad_steps += 1
+            _log(ctx, f"warning: non-finite loss at step {self.step}; step skipped "
+                      f"({self.bad_steps}/{t.max_bad_steps} in a row)")
+            if self.bad_steps >= t.max_bad_steps:
+                raise TrainingDiverged(f"training diverged: {self.bad_steps} non-finite losses in a row at "
+                                       f"step {self.step}; the last checkpoint in {self.run_dir} is intact; "
+                                       "lower train.learning_rate and resume")
+            return False
+        self.bad_steps = 0
+        self.step += 1
+        if "i2t" in metrics:
+            self.window = (self.window + [metrics])[-50:]
+            self.warned = self._guard_chance(self.window, self.warned)
+        bar.update(1)
+        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in keys}, refresh=False)
+        if self.step % t.log_every_steps == 0:
+            self._write_metrics({"step": self.step, "epoch": self.epoch,
+                                 "lr": self.lr_schedule.get_last_lr()[0], **metrics})
+        if t.val_every_steps and self.step % t.val_every_steps == 0:
+            self._validate_and_sample()
+        return True
+
+    def _validate_and_sample(self) -> None:
+        started = time.time()
+        self._after_validation(self.validate())
+        self.last_val_step = self.step
+        self.final_cost = max(self.final_cost, time.time() - started)
+
+    def _fit_joint(self, deadline: float, bar) -> bool:
+        """The joint phase, epoch by epoch, up to self.joint_end; True when it stopped on the deadline."""
+        t, ctx = self.cfg.train, self.ctx
+        save_after_epoch = False
+        while self.step < self.joint_end:
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(self.epoch)
+            micro = []
+            for batch in self._loader(self.train_set, self.sampler):
+                self.batch_in_epoch += 1
+                self.skipped_images += batch["num_skipped"]
+                if len(batch["images"]) >= 2:
+                    micro.append(batch)
+                if len(micro) < t.grad_accum_steps:
+                    continue
+                metrics, micro = self._train_step(micro), []
+                if not self._record_step(metrics, BAR_KEYS, bar):
+                    continue
+                if self.step % t.save_every_steps == 0 and ctx.is_main:
+                    if self.batch_in_epoch < self.sampler.batches_per_epoch:
+                        self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                    else:
+                        save_after_epoch = True
+                if time.time() > deadline:
+                    return True
+                if self.step >= self.joint_end:
+                    break
+            else:
+                if self.skipped_images:
+                    _log(ctx, f"epoch {self.epoch}: {self.skipped_images} unreadable images skipped so far")
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if not t.val_every_steps:
+                    self._validate_and_sample()
+                if save_after_epoch:
+                    self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                    save_after_epoch = False
+        if save_after_epoch and ctx.is_main and self.joint_end < self.total_steps:
+            self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+        return False
+
+    def _plan_diffusion_phase(self, deadline: float, timed_from: float, timed_steps: int) -> None:
+        """Under a time budget, fixes the phase's length (and so its cosine) from the speed of its first steps,
+        keeping room for the final validation and checkpoint."""
+        if self.features is None or math.isinf(deadline) or self.diffusion_end < self.total_steps:
+            return
+        t = self.cfg.train
+        per_step = (time.time() - timed_from) / timed_steps
+        # periodic validations and checkpoints cost about what the last validation did
+        per_step += self.final_cost * ((1 / t.val_every_steps if t.val_every_steps else 0) + 1 / t.save_every_steps)
+        left = deadline - time.time() - 2 * self.final_cost
+        self.diffusion_end = min(self.total_steps, self.step + max(1, int(left / per_step)))
+        _log(self.ctx, f"diffusion phase: {per_step:.2f} s/step, planned to end at step {self.diffusion_end}")
+
+    def _fit_diffusion(self, deadline: float, bar) -> None:
+        t, ctx = self.cfg.train, self.ctx
+        if self.features is None:
+            self._enter_diffusion_phase()
+        bar.set_description("diffusion")
+        timed_from, first = time.time(), self.step
+        while self.step < self.diffusion_end and time.time() + self.final_cost < deadline:
+            if not self._record_step(self._diffusion_step(), DIFFUSION_KEYS, bar):
+                continue
+            if self.step - first == TIMING_STEPS:
+                self._plan_diffusion_phase(deadline, timed_from, TIMING_STEPS)
+                bar.total = self.diffusion_end
+                bar.refresh()
+            if not t.val_every_steps and (self.step - self.joint_end) % self.steps_per_epoch == 0:
+                self._validate_and_sample()
+            if self.step % t.save_every_steps == 0 and ctx.is_main:
+                self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+
     def fit(self) -> dict:
         t, ctx = self.cfg.train, self.ctx
         if ctx.is_main:
@@ -313,63 +512,13 @@ class Trainer:
         self._truncate_metrics()
         deadline = self.started + t.max_minutes * 60 if t.max_minutes else math.inf
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True)
-        window, warned, last_val_step, stop, save_after_epoch = [], False, -1, False, False
         try:
-            while self.step < self.total_steps and not stop:
-                self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-                if hasattr(self.train_set, "set_epoch"):
-                    self.train_set.set_epoch(self.epoch)
-                micro = []
-                for batch in self._loader(self.train_set, self.sampler):
-                    self.batch_in_epoch += 1
-                    self.skipped_images += batch["num_skipped"]
-                    if len(batch["images"]) >= 2:
-                        micro.append(batch)
-                    if len(micro) < t.grad_accum_steps:
-                        continue
-                    metrics, micro = self._train_step(micro), []
-                    if metrics is None:
-                        self.bad_steps += 1
-                        _log(ctx, f"warning: non-finite loss at step {self.step}; step skipped "
-                                  f"({self.bad_steps}/{t.max_bad_steps} in a row)")
-                        if self.bad_steps >= t.max_bad_steps:
-                            raise TrainingDiverged(f"training diverged: {self.bad_steps} non-finite losses in a row at "
-                                                   f"step {self.step}; the last checkpoint in {self.run_dir} is intact; "
-                                                   "lower train.learning_rate and resume")
-                        continue
-                    self.bad_steps = 0
-                    self.step += 1
-                    window = (window + [metrics])[-50:]
-                    warned = self._guard_chance(window, warned)
-                    bar.update(1)
-                    bar.set_postfix({k: f"{metrics[k]:.3f}" for k in BAR_KEYS}, refresh=False)
-                    if self.step % t.log_every_steps == 0:
-                        self._write_metrics({"step": self.step, "epoch": self.epoch,
-                                             "lr": self.lr_schedule.get_last_lr()[0], **metrics})
-                    if t.val_every_steps and self.step % t.val_every_steps == 0:
-                        self._after_validation(self.validate())
-                        last_val_step = self.step
-                    if self.step % t.save_every_steps == 0 and ctx.is_main:
-                        if self.batch_in_epoch < self.sampler.batches_per_epoch:
-                            self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
-                        else:
-                            save_after_epoch = True
-                    if self.step >= self.total_steps or time.time() > deadline:
-                        stop = True
-                        break
-                if not stop:
-                    if self.skipped_images:
-                        _log(ctx, f"epoch {self.epoch}: {self.skipped_images} unreadable images skipped so far")
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    if not t.val_every_steps:
-                        self._after_validation(self.validate())
-                        last_val_step = self.step
-                    if save_after_epoch:
-                        self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
-                        save_after_epoch = False
+            out_of_time = self.step < self.joint_end and self._fit_joint(deadline, bar)
+            if not out_of_time and self.joint_end <= self.step < self.total_steps:
+                self._fit_diffusion(deadline, bar)
         finally:
             bar.close()
-        if last_val_step != self.step:
+        if self.last_val_step != self.step:
             self._after_validation(self.validate())
         if ctx.is_main:
             self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")

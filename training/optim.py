@@ -7,15 +7,20 @@ import torch
 import torch.nn as nn
 
 
-def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """Biases, norms, embeddings and the temperature get no weight decay (as in CLIP and nanoGPT)."""
-    decay, no_decay = [], []
+def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float,
+                    prefix_rates: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. Biases, norms, embeddings and the temperature get no weight decay (as
+    in CLIP and nanoGPT); prefix_rates gives the parameters under a name prefix their own learning rate."""
+    groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and "embed" not in name.split(".")[-1] else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
+        rate = next((r for prefix, r in (prefix_rates or {}).items() if name.startswith(prefix)), learning_rate)
+        decay = weight_decay if param.ndim >= 2 and "embed" not in name.split(".")[-1] else 0.0
+        groups.setdefault((rate, decay), []).append(param)
+    return torch.optim.AdamW([{"params": params, "lr": rate, "weight_decay": decay}
+                              for (rate, decay), params in groups.items()],
+                             lr=learning_rate, betas=(0.9, 0.98), eps=1e-6)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.05):

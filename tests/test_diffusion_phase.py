@@ -1,0 +1,206 @@
+"""The diffusion objectives and conditioning on tiny configs, and the run's switch from joint training to the
+diffusion phase on frozen, cached features: what trains, cached states equal live ones, resume across the switch."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import main as cli
+from configs.loading import load_config
+from models.diffusion import LatentDiffusion, sampling_scheduler
+from models.duet import DuetModel
+from models.text_encoder import load_text_backbone
+from training import loop
+from training.features import build_frozen_features, cached_caption_rows
+
+# 32 images, batch 8: 3 joint steps, then 5 diffusion-phase steps; checkpoints at 3 and 6 (and 8).
+PHASED = {"data.limit_train": 32, "data.caption_mode": "random", "train.max_steps": 8, "train.joint_steps": 3,
+          "train.save_every_steps": 3, "train.val_every_steps": 4, "train.diffusion_batch_size": 12,
+          "model.unet_coord_channels": "true", "model.unet_pooled_embedding": "true",
+          "model.unet_text_time_embedding": "true", "model.diffusion_objective": "v_prediction",
+          "train.snr_gamma": 5}
+FROZEN_PREFIXES = ("image_encoder.", "text_encoder.embed.", "logit_scale")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def settings(tiny_bert, data_root, out_dir, **extra) -> dict:
+    return {"model.text_encoder": str(tiny_bert), "data.root": str(data_root), "train.out_dir": str(out_dir),
+            **PHASED, **extra}
+
+
+def cli_args(values: dict, *more: str) -> list[str]:
+    return ["--config", "tiny", "--set", *[f"{k}={v}" for k, v in values.items()], *more]
+
+
+def rows_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_diffusion(tiny_bert, objective: str, **model_flags) -> LatentDiffusion:
+    cfg = load_config("tiny", {"model.text_encoder": str(tiny_bert), "model.diffusion_objective": objective,
+                               **{f"model.{k}": v for k, v in model_flags.items()}})
+    torch.manual_seed(0)
+    return LatentDiffusion(cfg.model, cfg.train.diffusion_timesteps, snr_gamma=5.0 if objective != "flow" else 0.0)
+
+
+@pytest.mark.parametrize("objective", ["epsilon", "v_prediction", "flow"])
+def test_each_objective_learns_a_fixed_batch(tiny_bert, objective):
+    diffusion = tiny_diffusion(tiny_bert, objective, unet_coord_channels=True, unet_pooled_embedding=True)
+    torch.manual_seed(1)
+    latents, states = torch.randn(8, 4, 4, 4), torch.randn(8, 5, 32)
+    mask, pooled = torch.ones(8, 5, dtype=torch.long), torch.nn.functional.normalize(torch.randn(8, 32), dim=-1)
+    optimizer = torch.optim.Adam(diffusion.parameters(), lr=3e-3)
+
+    def mean_loss(n: int) -> float:
+        with torch.random.fork_rng():
+            torch.manual_seed(2)
+            with torch.no_grad():
+                return sum(float(diffusion.training_loss(latents, states, mask, pooled)) for _ in range(n)) / n
+
+    before = mean_loss(8)
+    for _ in range(60):
+        loss = diffusion.training_loss(latents, states, mask, pooled)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert mean_loss(8) < 0.8 * before
+
+
+@pytest.mark.parametrize("objective, scheduler", [("v_prediction", "ddim"), ("v_prediction", "dpm++"),
+                                                  ("flow", "euler"), ("flow", "ddim"), ("flow", "heun")])
+def test_sampling_shapes_with_every_conditioning(tiny_bert, objective, scheduler):
+    diffusion = tiny_diffusion(tiny_bert, objective, unet_coord_channels=True, unet_pooled_embedding=True,
+                               unet_text_time_embedding=True)
+    assert diffusion.unet.config.in_channels == 4 + 2 and diffusion.unet.config.out_channels == 4
+    sampler = sampling_scheduler(scheduler, diffusion.noise_scheduler)
+    states, mask, pooled = torch.randn(3, 5, 32), torch.ones(3, 5, dtype=torch.long), torch.randn(3, 32)
+    generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    out = diffusion.sample(states, mask, (4, 4, 4), sampler, 3, 2.0, generators, pooled=pooled)
+    assert out.shape == (3, 4, 4, 4) and torch.isfinite(out).all()
+    # batched equals one by one, with guidance and the pooled embedding
+    one = diffusion.sample(states[1:2], mask[1:2], (4, 4, 4), sampling_scheduler(scheduler, diffusion.noise_scheduler),
+                           3, 2.0, [torch.Generator().manual_seed(1)], pooled=pooled[1:2])
+    torch.testing.assert_close(one, out[1:2], atol=1e-5, rtol=1e-4)
+
+
+def test_trailing_spacing_starts_at_pure_noise(tiny_bert):
+    noise = tiny_diffusion(tiny_bert, "v_prediction").noise_scheduler
+    trailing, leading = sampling_scheduler("ddim", noise, "trailing"), sampling_scheduler("ddim", noise, "leading")
+    trailing.set_timesteps(5)
+    leading.set_timesteps(5)
+    last = noise.config.num_train_timesteps - 1
+    assert int(trailing.timesteps[0]) == last > int(leading.timesteps[0])
+
+
+def test_padding_does_not_change_the_text_condition(tiny_bert):
+    cfg = load_config("tiny", {"model.text_encoder": str(tiny_bert), "model.unet_pooled_embedding": "true"})
+    model = DuetModel.build(cfg).eval()
+    short, padded = model.tokenize(["a red circle"], max_length=8), model.tokenize(["a red circle"], max_length=16)
+    states_a, pooled_a = model.text_condition(**short)
+    states_b, pooled_b = model.text_condition(**padded)
+    torch.testing.assert_close(pooled_a, pooled_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(states_a, states_b[:, :8], atol=1e-5, rtol=1e-4)
+    assert states_b[:, 8:].abs().max() == 0  # zeroed past the mask, so a pooled readout ignores padding
+
+
+def test_cached_features_equal_live_ones(tiny_bert, data_root):
+    from data.datasets import build_datasets, caption_token_ids
+
+    cfg = load_config("tiny", {"model.text_encoder": str(tiny_bert), "data.root": str(data_root)})
+    bert, tokenizer = load_text_backbone(cfg.model.text_encoder)
+    train, _ = build_datasets(cfg, tokenizer)
+    cfg.model.caption_vocab_size = len(caption_token_ids(train))
+    model = DuetModel(cfg, bert, tokenizer)
+    model.latent_scale.fill_(1.7)
+    features = build_frozen_features(model, train, 2, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    assert len(features) == 2 * train.num_images and features.readable.all()
+    model.eval()
+    with torch.no_grad():
+        images = torch.stack([train.image_tensor(i) for i in range(train.num_images)])
+        torch.testing.assert_close(features.latents, model.encode_latents(images), atol=1e-5, rtol=1e-4)
+        rows = cached_caption_rows(train.caption_offsets, 2)
+        ids = torch.from_numpy(train.input_ids[rows].astype("int64"))
+        mask = torch.from_numpy(train.attention_mask[rows].astype("int64"))
+        live = model.text_encoder.bert(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None]
+        width = features.hidden.shape[1]
+        assert int(mask.sum(1).max()) == width
+        torch.testing.assert_close(features.hidden.float(), live[:, :width], atol=2e-3, rtol=2e-3)
+        # the states the UNet sees from the cache are the live text_condition's
+        embeds, states = model.text_encoder.heads(features.hidden.float(), features.mask)
+        live_states, live_pooled = model.text_condition(ids[:, :width], mask[:, :width])
+        torch.testing.assert_close(states, live_states, atol=5e-3, rtol=5e-3)
+    assert features.image.tolist() == train.index.caption_image[rows].tolist()
+
+
+@pytest.fixture(scope="module")
+def phased_run(tiny_bert, data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("phased")
+    assert cli.main(cli_args(settings(tiny_bert, data_root, out))) == 0
+    return out / "embedded"
+
+
+def test_the_run_switches_to_the_diffusion_phase(phased_run):
+    rows = [r for r in rows_of(phased_run) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    joint, diffusion = rows[:3], rows[3:]
+    assert all("cont" in r and r["diff"] == 0 for r in joint)           # the UNet waits for the switch
+    assert all("cont" not in r and r["diff"] > 0 and r["cap"] > 0 and r["img_rec"] > 0 for r in diffusion)
+    at_switch = load_file(phased_run / "checkpoint-000003" / "model.safetensors")
+    final = load_file(phased_run / "checkpoint-000008" / "model.safetensors")
+    for key, value in at_switch.items():
+        if key.startswith(FROZEN_PREFIXES):
+            torch.testing.assert_close(final[key], value, atol=0, rtol=0)
+    for prefix in ("caption_decoder.", "image_decoder.", "text_encoder.to_states."):
+        assert any(not torch.equal(final[k], v) for k, v in at_switch.items() if k.startswith(prefix)), prefix
+    unet_a = load_file(phased_run / "checkpoint-000003" / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_b = load_file(phased_run / "checkpoint-000008" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unet_a[k], unet_b[k]) for k in unet_a)
+    assert [r["step"] for r in rows_of(phased_run) if "val_loss" in r] == [4, 8]
+
+
+@pytest.mark.parametrize("killed_at, resumed_from", [pytest.param(2, None, id="before-the-switch"),
+                                                     pytest.param(8, 6, id="in-the-diffusion-phase")])
+def test_resume_across_the_switch_matches_an_uninterrupted_run(phased_run, tiny_bert, data_root, tmp_path,
+                                                               monkeypatch, killed_at, resumed_from):
+    values = settings(tiny_bert, data_root, tmp_path, **({"train.save_every_steps": 1} if resumed_from is None else {}))
+    joint_step, diffusion_step, calls = loop.Trainer._train_step, loop.Trainer._diffusion_step, []
+
+    def counted(original):
+        def step(self, *args):
+            calls.append(1)
+            if len(calls) == killed_at:
+                raise KeyboardInterrupt
+            return original(self, *args)
+        return step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop.Trainer, "_train_step", counted(joint_step))
+        patch.setattr(loop.Trainer, "_diffusion_step", counted(diffusion_step))
+        assert cli.main(cli_args(values)) == 130
+    run_dir = tmp_path / "embedded"
+    resumed_from = resumed_from or killed_at - 1
+    assert (run_dir / "latest").read_text().strip() == f"checkpoint-{resumed_from:06d}"
+    assert cli.main(cli_args(values, "--resume", "latest")) == 0
+    expected = {r["step"]: r["loss"] for r in rows_of(phased_run) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in rows_of(run_dir) if "loss" in r}
+    assert sorted(resumed) == sorted(expected) == list(range(1, 9))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+
+
+def test_the_time_budget_plans_the_diffusion_phase(tiny_bert, data_root, tmp_path, capsys):
+    values = settings(tiny_bert, data_root, tmp_path, **{"train.max_steps": 0, "train.epochs": 400,
+                                                         "train.max_minutes": 0.5, "train.val_every_steps": 0})
+    assert cli.main(cli_args(values)) == 0
+    err = capsys.readouterr().err
+    assert "diffusion phase: " in err and "planned to end at step" in err
+    steps = [r["step"] for r in rows_of(tmp_path / "embedded") if "loss" in r]
+    assert 3 + loop.TIMING_STEPS <= steps[-1] < 400 * 4
