@@ -21,6 +21,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.epochs=3")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
     parser.add_argument("--out-dir", help="where runs go (sets train.out_dir; default outputs)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run of the same name (sets train.overwrite)")
     return parser.parse_args(argv)
 
 
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"data.dataset={args.dataset}")
         if args.out_dir:
             overrides.append(f"train.out_dir={args.out_dir}")
+        if args.overwrite:
+            overrides.append("train.overwrite=true")
         cfg = load_config(args.config or default_preset(args.dataset), overrides)
         from training.loop import run  # after the config: a typo is reported before torch loads
 

@@ -28,7 +28,10 @@ def _all_keys(cfg) -> list[str]:
 
 
 def _unknown_key(key: str, cfg) -> UserError:
-    close = difflib.get_close_matches(key, _all_keys(cfg), n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=5, cutoff=0.5)
+    # a typo seldom changes a name's first letter: among close keys, those that keep it come first
+    field = key.rpartition(".")[2][:1]
+    close.sort(key=lambda k: k.rpartition(".")[2][:1] != field)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return UserError(f"unknown config key '{key}'{hint}")
 

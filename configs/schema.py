@@ -93,6 +93,7 @@ class TrainConfig:
     sample_prompts: list[str] = field(default_factory=list)  # for the sample sheet; empty: val captions
     out_dir: str = "outputs"
     run_name: str = ""                    # empty: the dataset's name
+    overwrite: bool = False               # a new run may replace an earlier one of the same name
 
 
 @dataclass

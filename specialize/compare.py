@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from configs.errors import UserError
+from specialize.launcher import OUT_SUBDIRS
 from specialize.finetune import add_shared_argument, default_base_checkpoint
 
-OUT_SUBDIR = "compare"
 GEN_BATCH = 25  # images per generation call; seeds are per image, so results do not depend on it
 
 
@@ -120,14 +120,15 @@ def resolve_arms(args) -> dict[str, dict]:
 
     out = Path(args.out)
     arms: dict[str, dict] = {"base": {"kind": "base"}}
-    prompt_report = args.prompt_report or _existing(out / "prompt" / "summary.json")
+    prompt_report = args.prompt_report or _existing(out / OUT_SUBDIRS["prompt"] / "summary.json")
     if prompt_report:
         arms["prompt_optimised"] = {"kind": "prompt", "path": str(prompt_report)}
-    lora = args.lora or (_existing(out / "finetune") if (out / "finetune" / LORA_WEIGHT_NAME).is_file() else None)
+    finetune_dir = out / OUT_SUBDIRS["finetune"]
+    lora = args.lora or (_existing(finetune_dir) if (finetune_dir / LORA_WEIGHT_NAME).is_file() else None)
     if lora:
         arms["lora"] = {"kind": "lora", "path": str(lora), "scale": args.lora_scale}
     tuned = [t for t in (args.tuned or "").split(",") if t.strip()] or \
-        [str(p) for p in [_existing(out / "finetune" / "model")] if p]
+        [str(p) for p in [_existing(finetune_dir / "model")] if p]
     for path in tuned:
         method = "full" if Path(path).name == "model" else Path(path).name
         name = method if method not in arms else f"tuned_{len(arms)}"
@@ -147,7 +148,7 @@ def base_location(args, arms: dict) -> str | None:
             info = Path(arm["path"]) / "lora_info.json"
             if info.is_file():
                 return json.loads(info.read_text()).get("base")
-    report = Path(args.out) / "finetune" / "finetune_report.json"
+    report = Path(args.out) / OUT_SUBDIRS["finetune"] / "finetune_report.json"
     return json.loads(report.read_text()).get("base") if report.is_file() else None
 
 
@@ -326,7 +327,7 @@ def run(args) -> dict:
         torch.set_num_threads(args.threads)
     started = time.time()
     device = resolve_device(getattr(args, "device", "auto"))
-    out_dir = Path(args.out) / OUT_SUBDIR
+    out_dir = Path(args.out) / OUT_SUBDIRS["compare"]
     arms = resolve_arms(args)
     base = base_location(args, arms)
     base_tunable = load_arm_model(args, arms["base"], base, device)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from configs.errors import UserError
+from specialize.launcher import OUT_SUBDIRS
 from models.lora import UNET_TARGET_MODULES
 
 TRAINABLE_FILE, STATE_FILE, SETTINGS_FILE = "trainable.safetensors", "trainer_state.pt", "settings.json"
@@ -378,7 +379,7 @@ def run(args) -> dict:
     device = resolve_device(getattr(args, "device", "auto"))
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    out_dir = Path(args.out) / "finetune"
+    out_dir = Path(args.out) / OUT_SUBDIRS["finetune"]
     resume_dir = resolve_resume(args.resume, out_dir) if getattr(args, "resume", None) else None
     if args.backend == "duet" and not args.checkpoint:
         args.checkpoint = str(default_base_checkpoint(out_dir))

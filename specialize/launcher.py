@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders, never the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -20,6 +21,7 @@ from configs.errors import UserError  # noqa: E402
 
 MODES = ("prompt", "finetune", "compare")
 MODULES = {"prompt": "specialize.prompt_opt", "finetune": "specialize.finetune", "compare": "specialize.compare"}
+OUT_SUBDIRS = {"prompt": "prompt", "finetune": "finetune", "compare": "compare"}   # each mode's results in --out
 
 
 def mode_module(mode: str, required: bool = True):
@@ -45,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default="fashion", help="fashion (tinted Fashion-MNIST) or a COCO-format folder")
     parser.add_argument("--data-root", default="data", help="where the fashion set lives or is generated")
     parser.add_argument("--out", default="outputs/specialize", help="results go to <out>/<mode>/")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results an earlier run left in --out")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0,
@@ -66,6 +69,18 @@ def refuse_out_in_dataset(args) -> None:
         refuse_inside_dataset(args.out, folder, "--out", "choose another --out")
 
 
+def refuse_earlier_results(args, modes: tuple[str, ...]) -> None:
+    """A mode's folder under --out that already holds results is replaced only with --overwrite (a fine-tuning
+    run may continue its own with --resume)."""
+    for mode in modes:
+        folder = Path(args.out) / OUT_SUBDIRS[mode]
+        resuming = mode == "finetune" and getattr(args, "resume", None)
+        if folder.is_dir() and any(folder.iterdir()) and not resuming and not args.overwrite:
+            raise UserError(f"{folder} holds results of an earlier run; pass --overwrite to replace them"
+                            + (", --resume latest to continue it" if mode == "finetune" else "")
+                            + " or choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -75,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
             torch.set_num_threads(args.threads)
         refuse_out_in_dataset(args)
-        for mode in (MODES if args.mode == "all" else (args.mode,)):
+        modes = MODES if args.mode == "all" else (args.mode,)
+        refuse_earlier_results(args, modes)
+        for mode in modes:
             mode_module(mode).run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from configs.errors import UserError
+from specialize.launcher import OUT_SUBDIRS
 from specialize.attribute_tables import DEFAULT_ATTRIBUTES_DIR, AttributeTable, load_attribute_tables
 from specialize.features import Features, TextEmbeddingCache, score_attributes
 from specialize.pez import pez_search
@@ -269,7 +270,7 @@ def run(args) -> dict:
     backend = build_backend(args)
     targets = read_targets(found, backend.image_size, args.num_targets)
     classifier = load_domain_classifier(args, backend)
-    out_dir = Path(args.out) / "prompt"
+    out_dir = Path(args.out) / OUT_SUBDIRS["prompt"]
     summary = optimize_prompts(backend, targets, tables, settings, out_dir, classifier, args.cache_dir or None)
     figures = summary.get("heldout", summary["selection"])
     print(f"prompt optimisation: {summary['targets']} targets, mean similarity {figures['naive_similarity']} (naive) "

@@ -84,6 +84,19 @@ def test_a_run_on_a_folder_leaves_it_untouched_and_lands_in_out_dir(coco_folder,
     run_dir = runs / safe_dataset_name(str(coco_folder))
     assert [p.name for p in runs.iterdir()] == [run_dir.name] and run_dir.name.startswith("mycoco-")
     assert {"config.json", "latest", "metrics.jsonl", "best_model"} <= {p.name for p in run_dir.iterdir()}
+    # the unreadable train images, counted where the cache found them, agree in the log, metrics and summary
+    out, err = capsys.readouterr()
+    assert f"{UNREADABLE} unreadable train images skipped" in err
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in rows if "val_loss" in r] and \
+        all(r["skipped_images"] == UNREADABLE for r in rows if "skipped_images" in r)
+    assert f"'skipped_images': {UNREADABLE}" in out
+    # a second run of the same name does not replace the first unless told to
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    assert cli.main(run_args(tiny_bert, tmp_path / "root", str(coco_folder.resolve()), runs)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "--resume latest" in line and "--overwrite" in line and (run_dir / "metrics.jsonl").read_bytes() == metrics
+    assert cli.main([*run_args(tiny_bert, tmp_path / "root", str(coco_folder.resolve()), runs), "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("where", ["out_dir inside", "out_dir is it", "run_name is it", "absolute run_name",
@@ -223,3 +236,16 @@ def test_specialize_out_in_the_dataset_folder_is_refused(coco_folder, tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "is inside the dataset folder" in err and err.count("\n") == 1
     assert tree_hashes(coco_folder) == before
+
+
+@pytest.mark.parametrize("mode, leftover", [("prompt", "prompt/summary.json"), ("compare", "compare/compare.json"),
+                                            ("all", "finetune/latest")])
+def test_specialize_does_not_replace_earlier_results_without_overwrite(coco_folder, tmp_path, capsys, mode, leftover):
+    from specialize.launcher import main as specialize_main
+
+    out = tmp_path / "spec"
+    (out / leftover).parent.mkdir(parents=True)
+    (out / leftover).write_text("earlier")
+    assert specialize_main(["--mode", mode, "--dataset", str(coco_folder), "--out", str(out)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "--overwrite" in line and (out / leftover).read_text() == "earlier"

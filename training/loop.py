@@ -35,10 +35,11 @@ BAR_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i")
 LOG_KEYS = BAR_KEYS + ("img_rec", "cap")
 # The diffusion phase trains the UNet and both decoders on frozen features: no contrastive term to show.
 DIFFUSION_KEYS = ("loss", "rec", "diff", "img_rec", "cap")
-TIMING_STEPS = 10   # diffusion-phase steps timed before its length is fixed under a time budget
+# Diffusion-phase steps after which its length is (re)fixed under a time budget from the measured speed.
+PLAN_AT = (10, 60, 300)
 # Train-section keys a resumed run may change; everything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
-                     "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name"}
+                     "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite"}
 NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
 
 
@@ -66,9 +67,10 @@ def _check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
                                 f"this run asks for {mine[section][key]!r}; use the same config or start a new run")
 
 
-def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext) -> Path:
+def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, resume: str | None) -> Path:
     """<train.out_dir>/<train.run_name or the dataset's safe name>, never in the dataset's folder: a folder
-    dataset's path as the run name would otherwise swallow out_dir and write the run into the user's data."""
+    dataset's path as the run name would otherwise swallow out_dir and write the run into the user's data. A new
+    run never replaces an earlier one there unless train.overwrite says so."""
     from data.datasets import dataset_path, refuse_inside_dataset, safe_dataset_name
 
     out_dir, name = Path(cfg.train.out_dir), cfg.train.run_name
@@ -80,6 +82,9 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext) -
     data = dataset_path(cfg, dataset_name)
     refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out-dir PATH")
     refuse_inside_dataset(run_dir, data, "the run folder", "choose another train.out_dir or train.run_name")
+    if not resume and not cfg.train.overwrite and (run_dir / "config.json").exists():
+        raise UserError(f"{run_dir} holds an earlier run; continue it with --resume latest, replace it with "
+                        "--overwrite, or name a new one with --set train.run_name=NAME")
     if ctx.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +121,7 @@ class Trainer:
         self.started = time.time()  # train.max_minutes counts data preparation too
         self.dataset_name = resolve_dataset_name(cfg)
         _log(ctx, f"dataset: {self.dataset_name} ({cfg.data.dataset} requested)")
-        self.run_dir = _make_run_dir(cfg, self.dataset_name, ctx)
+        self.run_dir = _make_run_dir(cfg, self.dataset_name, ctx, resume)
         resume_dir = resolve_resume(resume, self.run_dir) if resume else None
         if resume_dir is not None:
             _check_resume_config(read_config(resume_dir), cfg)
@@ -166,6 +171,7 @@ class Trainer:
         if self.skipped_images:
             _log(ctx, f"{self.skipped_images} unreadable train images skipped (left out of the image cache)")
         self.window, self.warned, self.last_val_step, self.final_cost = [], False, -1, 0.0
+        self.plan_restored = False   # a resumed diffusion phase keeps the length its first process planned
         self.autocast, self.scaler = _autocast(cfg, ctx.device)
         if resume_dir is not None:
             self._restore(resume_dir)
@@ -184,6 +190,7 @@ class Trainer:
         self.step = state["step"]
         if state.get("diffusion_end"):
             self._enter_diffusion_phase(state["diffusion_end"])
+            self.plan_restored = True
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -474,13 +481,12 @@ class Trainer:
             self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
         return False
 
-    def _plan_diffusion_phase(self, deadline: float, timed_from: float, timed_steps: int) -> None:
-        """Under a time budget, fixes the phase's length (and so its cosine) from the speed of its first steps,
-        keeping room for the final validation and checkpoint."""
-        if self.features is None or math.isinf(deadline) or self.diffusion_end < self.total_steps:
+    def _plan_diffusion_phase(self, deadline: float, per_step: float) -> None:
+        """Under a time budget, fixes the phase's length (and so its cosine) from the measured seconds per step,
+        keeping room for the final validation and checkpoint. A phase restored from a checkpoint keeps its plan."""
+        if self.features is None or math.isinf(deadline) or self.plan_restored:
             return
         t = self.cfg.train
-        per_step = (time.time() - timed_from) / timed_steps
         # periodic validations and checkpoints cost about what the last validation did
         per_step += self.final_cost * ((1 / t.val_every_steps if t.val_every_steps else 0) + 1 / t.save_every_steps)
         left = deadline - time.time() - 2 * self.final_cost
@@ -492,12 +498,17 @@ class Trainer:
         if self.features is None:
             self._enter_diffusion_phase()
         bar.set_description("diffusion")
-        timed_from, first = time.time(), self.step
+        first, seconds = self.step, []
         while self.step < self.diffusion_end and time.time() + self.final_cost < deadline:
-            if not self._record_step(self._diffusion_step(), DIFFUSION_KEYS, bar):
+            started = time.time()
+            metrics = self._diffusion_step()
+            seconds.append(time.time() - started)        # the step alone: validations are counted apart
+            if not self._record_step(metrics, DIFFUSION_KEYS, bar):
                 continue
-            if self.step - first == TIMING_STEPS:
-                self._plan_diffusion_phase(deadline, timed_from, TIMING_STEPS)
+            if self.step - first in PLAN_AT:
+                # the first steps run slower (allocator, caches): later plans leave them out
+                timed = seconds[PLAN_AT[0]:] or seconds
+                self._plan_diffusion_phase(deadline, sum(timed) / len(timed))
                 bar.total = self.diffusion_end
                 bar.refresh()
             if not t.val_every_steps and (self.step - self.joint_end) % self.steps_per_epoch == 0:
