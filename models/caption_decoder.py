@@ -10,6 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from configs.schema import ModelConfig
+from models.image_encoder import TOKEN_GRID
+
+MEMORY_TOKENS = TOKEN_GRID * TOKEN_GRID   # image tokens the decoder reads
 
 # Per layer: (self_k, self_v, cross_k, cross_v), each (B, heads, T or M, head_dim).
 LayerCache = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -83,6 +86,10 @@ class CaptionDecoder(nn.Module):
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.max_caption_len, width))
         self.memory_proj = nn.Linear(memory_dim, width)
+        # Where each image token sits in the grid: cross-attention is blind to order, and without this the decoder
+        # cannot tell the left object from the right one (relation words at chance). Zero at start: training
+        # moves it, and a checkpoint written before it existed loads as zeros, unchanged.
+        self.memory_pos = nn.Parameter(torch.zeros(MEMORY_TOKENS, width))
         self.layers = nn.ModuleList(DecoderLayer(width, cfg.caption_decoder_heads, cfg.dropout)
                                     for _ in range(cfg.caption_decoder_layers))
         self.norm = nn.LayerNorm(width)
@@ -106,7 +113,7 @@ class CaptionDecoder(nn.Module):
         return self.vocab_ids[vocab]
 
     def memory(self, image_tokens: torch.Tensor) -> torch.Tensor:
-        return self.memory_proj(image_tokens)                                # (B, M, C)
+        return self.memory_proj(image_tokens) + self.memory_pos[: image_tokens.shape[1]]  # (B, M, C)
 
     def forward(self, vocab: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """vocab (B, T) indices, memory (B, M, C) -> logits (B, T, V)."""

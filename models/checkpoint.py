@@ -25,6 +25,8 @@ from configs.loading import config_from_dict, config_to_dict
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_STATE_FILE = "config.json", "model.safetensors", "trainer_state.pt"
+# Added after checkpoints of the same format were written; zeros reproduce what those models computed.
+ZERO_IF_ABSENT = ("caption_decoder.memory_pos",)
 HF_PREFIXES = ("text_encoder.bert.", "diffusion.unet.")  # saved by their own libraries in subfolders
 
 
@@ -121,6 +123,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_
     except (OSError, ValueError, SafetensorError, EnvironmentError) as err:
         raise UserError(f"checkpoint {folder} is incomplete or damaged: {str(err).splitlines()[0]}") from None
     model = DuetModel(cfg, bert, tokenizer, unet, noise_scheduler)
+    for key in ZERO_IF_ABSENT:
+        if key not in state:
+            state[key] = torch.zeros_like(model.state_dict()[key])
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # a shape differs from what config.json describes

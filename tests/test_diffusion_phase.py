@@ -203,4 +203,4 @@ def test_the_time_budget_plans_the_diffusion_phase(tiny_bert, data_root, tmp_pat
     err = capsys.readouterr().err
     assert "diffusion phase: " in err and "planned to end at step" in err
     steps = [r["step"] for r in rows_of(tmp_path / "embedded") if "loss" in r]
-    assert 3 + loop.TIMING_STEPS <= steps[-1] < 400 * 4
+    assert 3 + loop.PLAN_AT[0] <= steps[-1] < 400 * 4
