@@ -141,9 +141,10 @@ def validate(cfg: DuetConfig) -> DuetConfig:
         raise UserError(f"data.caption_mode must be pairs or random, got '{d.caption_mode}'")
     if m.diffusion_objective not in ("epsilon", "v_prediction", "flow"):
         raise UserError(f"model.diffusion_objective must be epsilon, v_prediction or flow, got '{m.diffusion_objective}'")
-    if min(t.joint_steps, t.diffusion_batch_size, t.diffusion_captions_per_image, t.image_decoder_batch_size) < 0:
-        raise UserError("train.joint_steps, train.diffusion_batch_size, train.diffusion_captions_per_image and "
-                        "train.image_decoder_batch_size must be >= 0")
+    if min(t.joint_steps, t.diffusion_batch_size, t.diffusion_captions_per_image, t.image_decoder_batch_size,
+           t.caption_batch_size) < 0:
+        raise UserError("train.joint_steps, train.diffusion_batch_size, train.diffusion_captions_per_image, "
+                        "train.image_decoder_batch_size and train.caption_batch_size must be >= 0")
     s = cfg.sample
     if s.steps < 1 or s.timestep_spacing not in ("leading", "trailing", "linspace"):
         raise UserError("sample.steps must be >= 1 and sample.timestep_spacing leading, trailing or linspace")

@@ -78,6 +78,7 @@ class TrainConfig:
     diffusion_warmup_steps: int = 20
     diffusion_captions_per_image: int = 0  # captions per image whose BERT states are cached; 0: all
     image_decoder_batch_size: int = 0     # the image decoder's batch in the diffusion phase; 0: batch_size
+    caption_batch_size: int = 0           # the caption decoder's batch in the diffusion phase; 0: batch_size
     ema_decay: float = 0.999
     mixed_precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
     grad_clip: float = 1.0

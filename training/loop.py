@@ -319,7 +319,8 @@ class Trainer:
         t, f, device = self.cfg.train, self.features, self.ctx.device
         generator = self._phase_batch()
         rows = torch.randint(len(f), (t.diffusion_batch_size or t.batch_size,), generator=generator)
-        captions = self.caption_rows[torch.randint(len(self.caption_rows), (t.batch_size,), generator=generator)]
+        captions = self.caption_rows[torch.randint(len(self.caption_rows), (t.caption_batch_size or t.batch_size,),
+                                                   generator=generator)]
         images = self.readable_images[torch.randint(len(self.readable_images),
                                                     (t.image_decoder_batch_size or t.batch_size,), generator=generator)]
         with self.autocast():
