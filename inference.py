@@ -530,17 +530,18 @@ def run(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     image_out, captions_out = plan_outputs(args, mode)
-    if mode != "i2t":
-        check_writable(image_out)
     if is_folder or (mode == "both" and not files and len(prompts) * args.num_images > 1):  # several captions
         captions_out = captions_out or Path("captions.json")
-    if captions_out is not None:
-        check_writable(captions_out)
     count = len(prompts) * args.num_images
     image_files = [] if mode == "i2t" else [image_out] if count == 1 else [
         image_out.with_name(f"{image_out.stem}_{i:03d}{image_out.suffix}") for i in range(count)]
+    # refused before check_writable makes any folder: nothing may appear inside the input folder
     check_outputs(image_files + ([captions_out] if captions_out else []), args.overwrite,
                   Path(args.image) if is_folder else None)
+    if mode != "i2t":
+        check_writable(image_out)
+    if captions_out is not None:
+        check_writable(captions_out)
 
     generator = ImageTextGenerator(args.checkpoint, device=args.device, lora=args.lora, lora_scale=args.lora_scale)
     if mode != "i2t":

@@ -244,7 +244,9 @@ class CocoCaptions(Dataset):
         # copy: PIL and memmap arrays are read-only
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
-    def __getitem__(self, idx: int) -> dict | None:
+    def __getitem__(self, idx: int) -> dict:
+        """A sample, or {"unreadable": image_id} for an image that cannot be read (collate_captions drops it and
+        reports its id, so it can be counted once however often it is drawn)."""
         if self.caption_mode == "pairs":
             caption_position = int(idx)
             image_position = int(self.index.caption_image[caption_position])
@@ -253,7 +255,7 @@ class CocoCaptions(Dataset):
             caption_position = self._caption_position(image_position)
         images = self.image_tensor(image_position)
         if images is None:
-            return None
+            return {"unreadable": int(self.index.image_ids[image_position])}
         return {
             "images": images,
             "input_ids": torch.from_numpy(self.input_ids[caption_position].astype(np.int64)),

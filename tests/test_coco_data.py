@@ -155,7 +155,8 @@ def test_unreadable_images_skipped_and_counted(coco_dir, tokenizer):
     batches = list(loader)
     kept = sum(len(b["caption"]) for b in batches)
     skipped = sum(b["num_skipped"] for b in batches)
-    assert skipped == sum(len(TRAIN_CAPTIONS[name]) for name in BAD)
+    assert skipped == sum(len(TRAIN_CAPTIONS[name]) for name in BAD)          # pairs mode: once per caption
+    assert len({i for b in batches for i in b["skipped_ids"]}) == len(BAD)     # but each image has one id
     assert kept + skipped == len(dataset)
     assert all(b["images"].shape[0] == b["input_ids"].shape[0] == len(b["image_id"]) for b in batches)
     empty = collate_captions([None, None])

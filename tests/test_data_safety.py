@@ -99,6 +99,13 @@ def test_a_run_on_a_folder_leaves_it_untouched_and_lands_in_out_dir(coco_folder,
     assert cli.main([*run_args(tiny_bert, tmp_path / "root", str(coco_folder.resolve()), runs), "--overwrite"]) == 0
 
 
+def test_uncached_unreadable_images_count_once_over_epochs_and_captions(coco_folder, tiny_bert, tmp_path, capsys):
+    args = run_args(tiny_bert, tmp_path / "root", str(coco_folder), tmp_path / "runs", "data.use_cache=false",
+                    "data.caption_mode=pairs", "train.epochs=2", "train.batch_size=4")
+    assert cli.main(args) == 0, capsys.readouterr().err
+    assert f"'skipped_images': {UNREADABLE}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("where", ["out_dir inside", "out_dir is it", "run_name is it", "absolute run_name",
                                    "run_name with .."])
 def test_outputs_in_the_dataset_folder_are_refused(coco_folder, tiny_bert, tmp_path, capsys, where):

@@ -167,9 +167,12 @@ class Trainer:
                             model_config=unet.config) if ctx.is_main else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         # The cache leaves unreadable images out when it is built, so no batch reports them: the count starts there.
-        self.best_val_loss, self.bad_steps, self.skipped_images = math.inf, 0, skipped_at_build(self.train_set)
-        if self.skipped_images:
-            _log(ctx, f"{self.skipped_images} unreadable train images skipped (left out of the image cache)")
+        self.best_val_loss, self.bad_steps = math.inf, 0
+        # Unreadable train images, each counted once: left out of the cache when it was built, or met in a batch
+        # (uncached reading meets one in every epoch, and once per caption in pairs mode).
+        self.skipped_at_build, self.skipped_ids = skipped_at_build(self.train_set), set()
+        if self.skipped_at_build:
+            _log(ctx, f"{self.skipped_at_build} unreadable train images skipped (left out of the image cache)")
         self.window, self.warned, self.last_val_step, self.final_cost = [], False, -1, 0.0
         self.plan_restored = False   # a resumed diffusion phase keeps the length its first process planned
         self.autocast, self.scaler = _autocast(cfg, ctx.device)
@@ -185,6 +188,10 @@ class Trainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tensorboard = self._tensorboard()
 
+    @property
+    def skipped_images(self) -> int:
+        return self.skipped_at_build + len(self.skipped_ids)
+
     def _restore(self, folder: Path) -> None:
         state = load_trainer_state(folder)
         self.step = state["step"]
@@ -194,7 +201,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best_val_loss, self.skipped_images = state["best_val_loss"], state["skipped_images"]
+        self.best_val_loss, self.skipped_ids = state["best_val_loss"], set(state.get("skipped_ids", []))
         if self.ema is not None and (folder / "unet_ema").is_dir():
             self.ema = EMAModel.from_pretrained(folder / "unet_ema", UNet2DConditionModel)
             self.ema.to(self.ctx.device)
@@ -356,7 +363,7 @@ class Trainer:
         """Images from fixed prompts (EMA weights) and greedy captions of fixed val images."""
         t = self.cfg.train
         val = [self.val_set[i] for i in range(min(4, len(self.val_set)))]
-        val = [s for s in val if s is not None]
+        val = [s for s in val if "images" in s]
         prompts = t.sample_prompts or [s["caption"] for s in val]
         self.model.eval()
         self.ema.store(self.model.diffusion.unet.parameters())
@@ -377,7 +384,7 @@ class Trainer:
         if with_state:
             state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                      "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                     "best_val_loss": self.best_val_loss, "skipped_images": self.skipped_images, "rng": rng_state(),
+                     "best_val_loss": self.best_val_loss, "skipped_ids": sorted(self.skipped_ids), "rng": rng_state(),
                      "diffusion_end": self.diffusion_end if self.features is not None else 0}
         folder = save_checkpoint(self.model, self.run_dir / name, ema=self.ema, trainer_state=state)
         if name.startswith(CHECKPOINT_PREFIX):
@@ -452,7 +459,7 @@ class Trainer:
             micro = []
             for batch in self._loader(self.train_set, self.sampler):
                 self.batch_in_epoch += 1
-                self.skipped_images += batch["num_skipped"]
+                self.skipped_ids.update(batch["skipped_ids"])
                 if len(batch["images"]) >= 2:
                     micro.append(batch)
                 if len(micro) < t.grad_accum_steps:
