@@ -23,29 +23,12 @@ from configs.errors import UserError
 from data.transforms import IMAGE_ERRORS, read_image, resize_center_crop, to_rgb
 from models.caption_search import CaptionOptions, decode_captions
 from models.checkpoint import find_latest_checkpoint, load_checkpoint
+from models.device import resolve_device
 
 logger = logging.getLogger("duet.inference")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 EMBED_BATCH = 64  # images or texts per forward pass in embed_*
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None or 'auto': CUDA when present, else CPU. Asking for CUDA without a GPU is a UserError."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device '{device}' was asked for but CUDA is not available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device '{device}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif device.type != "cpu":
-        raise UserError(f"device '{device}' is not supported; use cpu or cuda")
-    return device
 
 
 def check_prompt(text) -> str:

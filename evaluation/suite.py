@@ -24,7 +24,7 @@ from evaluation.generation import (embed_tokens, generate_for_prompts, generated
 from evaluation.report import write_report
 from evaluation.retrieval import retrieval_metrics, top_matches
 from evaluation.retrieval_examples import retrieval_examples_png
-from inference import resolve_device
+from models.device import resolve_device
 from models.checkpoint import find_latest_checkpoint, load_checkpoint
 from training.figures import loss_curve_png, sample_sheet_png, to_pil
 

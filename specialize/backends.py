@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from configs.errors import UserError
 from configs.schema import SampleConfig
-from inference import resolve_device
+from models.device import resolve_device
 
 _WORD_PIECE = re.compile(r"^[a-z]+$")          # BERT whole-word tokens ("##ing", "[unused3]", "," excluded)
 _CLIP_WORD = re.compile(r"^[a-z]+</w>$")       # CLIP BPE tokens that end a word

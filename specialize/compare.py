@@ -312,7 +312,7 @@ def deltas(arms: dict[str, dict]) -> dict[str, dict]:
 # --- the mode --------------------------------------------------------------------------------------------------
 def run(args) -> dict:
     """--mode compare: generates every arm's images for the same prompts and seeds, scores them, writes the report."""
-    from specialize.backends import resolve_device
+    from models.device import resolve_device
     from specialize.compare_report import write_grid, write_markdown
     from specialize.prompt_report import write_json
     from specialize.targets import load_targets

@@ -370,7 +370,7 @@ def _mean(values: list[float]) -> float | None:
 
 def run(args) -> dict:
     """--mode finetune: loads the base and the domain data, trains, writes <out>/finetune/; returns the report."""
-    from specialize.backends import resolve_device
+    from models.device import resolve_device
     from specialize.tunable import load_tunable, quiet_library_progress
     from training.state import resolve_resume
 
