@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from configs.errors import UserError
     from data.datasets import build_split, dataset_folder, resolve_dataset_name
     from data.world import Scene
-    from evaluation.generation import generate_for_prompts, oracle_caption_accuracy, oracle_generation_accuracy
+    from evaluation.generation import oracle_caption_accuracy, oracle_generation_accuracy
     from evaluation.suite import caption_one_thread, image_entries
     from models.checkpoint import load_checkpoint
 
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         for scheduler, steps, guidance, spacing in grid:
             model.config.sample.timestep_spacing = spacing
             t0 = time.time()
-            generated = generate_for_prompts(model, prompts, steps, guidance, scheduler, seed=0, batch_size=100)
+            generated = model.generate_images(prompts, list(range(len(prompts))), steps, guidance, scheduler,
+                                              batch_size=100)
             result["sweep"].append({"scheduler": scheduler, "steps": steps, "guidance": guidance, "spacing": spacing,
                                     "seconds": round(time.time() - t0, 1),
                                     **flat(oracle_generation_accuracy(generated, prompts))})

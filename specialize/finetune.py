@@ -90,16 +90,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bf16 autocast on CUDA only (on CPU low precision is far slower); auto: bf16 on CUDA")
     g.add_argument("--limit-train", type=int, default=d.limit_train, help="first N training images (0: all)")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
-    add_shared_argument(parser, "--threads", type=int, default=0,
-                        help="torch intra-op threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
-
-
-def add_shared_argument(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
-    """Adds a flag that several modes read, unless another mode's add_arguments added it already."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass  # registered by another mode; the value is shared
 
 
 def settings_from_args(args) -> FinetuneSettings:
@@ -144,14 +134,14 @@ def build_train_set(tunable, args, settings: FinetuneSettings):
     """The domain's training split, tokenised for the tunable's text model at its image size."""
     from configs.schema import DuetConfig
     from data.datasets import build_split
-    from specialize.targets import resolve_dataset_folder
+    from data.datasets import domain_folder
 
     cfg = DuetConfig()  # data defaults, not the base model's training data
     cfg.data.dataset, cfg.data.root, cfg.data.limit_train = args.dataset, args.data_root, settings.limit_train
     cfg.model.image_size, cfg.model.max_caption_len = tunable.image_size, tunable.max_caption_len
     cfg.train.seed, cfg.train.num_workers = settings.seed, settings.num_workers
     # The folder the other modes use too: an existing fashion set is never regenerated with other counts.
-    folder = resolve_dataset_folder(args.dataset, args.data_root)
+    folder = domain_folder(args.dataset, args.data_root)
     name = "fashion" if args.dataset == "fashion" else str(folder)
     # One caption per image per epoch: an epoch is then one pass over the images.
     train = build_split(cfg, name, folder, cfg.data.train_split, tunable.tokenizer, settings.limit_train, "random")
@@ -228,7 +218,7 @@ class FineTuner:
         """checkpoint-<step>/ (trainable weights, optimizer, schedule, RNG, data position), written atomically."""
         from safetensors.torch import save_file
 
-        from models.checkpoint import replace_dir
+        from common.files import replace_dir
         from training.state import rng_state, rotate_checkpoints, write_latest
 
         folder = self.out_dir / f"checkpoint-{self.step:06d}"
@@ -370,8 +360,9 @@ def _mean(values: list[float]) -> float | None:
 
 def run(args) -> dict:
     """--mode finetune: loads the base and the domain data, trains, writes <out>/finetune/; returns the report."""
+    from models.checkpoint import quiet_library_progress
     from models.device import resolve_device
-    from specialize.tunable import load_tunable, quiet_library_progress
+    from specialize.tunable import load_tunable
     from training.state import resolve_resume
 
     quiet_library_progress()

@@ -17,19 +17,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.figures import loss_curve_png, sample_sheet_png
+from common.images import to_pil
 from configs.errors import UserError
 from configs.loading import config_to_dict, config_to_json
 from configs.schema import DuetConfig
-from models.checkpoint import load_checkpoint, load_trainer_state, read_config, save_checkpoint
+from models.checkpoint import (BEST_CHECKPOINT, CHECKPOINT_PREFIX, CONFIG_FILE, EMA_UNET_DIR, checkpoint_name,
+                               load_checkpoint, load_trainer_state, read_config, save_checkpoint)
 from models.duet import DuetModel
 from models.text_encoder import load_text_backbone
 from training.distributed import (DistributedContext, all_reduce_grads, all_reduce_mean, init_distributed,
                                   shutdown_distributed)
 from training.features import build_frozen_features, diffusion_phase_losses
-from training.figures import loss_curve_png, sample_sheet_png, to_pil
 from training.optim import build_optimizer, warmup_cosine
-from training.state import (CHECKPOINT_PREFIX, EpochSampler, resolve_resume, restore_rng_state, rng_state,
-                            rotate_checkpoints, write_latest)
+from training.state import (EpochSampler, resolve_resume, restore_rng_state, rng_state, rotate_checkpoints,
+                            write_latest)
 
 BAR_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i")
 LOG_KEYS = BAR_KEYS + ("img_rec", "cap")
@@ -71,7 +73,7 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, r
     """<train.out_dir>/<train.run_name or the dataset's safe name>, never in the dataset's folder: a folder
     dataset's path as the run name would otherwise swallow out_dir and write the run into the user's data. A new
     run never replaces an earlier one there unless train.overwrite says so."""
-    from data.datasets import dataset_path, refuse_inside_dataset, safe_dataset_name
+    from data.datasets import dataset_folder, refuse_inside_dataset, safe_dataset_name
 
     out_dir, name = Path(cfg.train.out_dir), cfg.train.run_name
     if name and (Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts):
@@ -79,10 +81,10 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, r
                         "(not absolute, no '..'); or leave it empty to name the run after the dataset")
     run_dir = out_dir / (name or safe_dataset_name(dataset_name))
     # Checked on every rank (no process may go on alone), before anything is created.
-    data = dataset_path(cfg, dataset_name)
-    refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out-dir PATH")
+    data = dataset_folder(cfg, dataset_name, create=False)
+    refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out PATH")
     refuse_inside_dataset(run_dir, data, "the run folder", "choose another train.out_dir or train.run_name")
-    if not resume and not cfg.train.overwrite and (run_dir / "config.json").exists():
+    if not resume and not cfg.train.overwrite and (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} holds an earlier run; continue it with --resume latest, replace it with "
                         "--overwrite, or name a new one with --set train.run_name=NAME")
     if ctx.is_main:
@@ -202,8 +204,8 @@ class Trainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_val_loss, self.skipped_ids = state["best_val_loss"], set(state.get("skipped_ids", []))
-        if self.ema is not None and (folder / "unet_ema").is_dir():
-            self.ema = EMAModel.from_pretrained(folder / "unet_ema", UNet2DConditionModel)
+        if self.ema is not None and (folder / EMA_UNET_DIR).is_dir():
+            self.ema = EMAModel.from_pretrained(folder / EMA_UNET_DIR, UNet2DConditionModel)
             self.ema.to(self.ctx.device)
         restore_rng_state(state["rng"])
         _log(self.ctx, f"resumed from {folder} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
@@ -369,8 +371,7 @@ class Trainer:
         self.ema.store(self.model.diffusion.unet.parameters())
         self.ema.copy_to(self.model.diffusion.unet.parameters())
         try:
-            generator = torch.Generator(self.ctx.device).manual_seed(0)
-            generated = self.model.generate_images(prompts, generator=generator)
+            generated = self.model.generate_images(prompts, list(range(len(prompts))))
             images = torch.stack([s["images"] for s in val]).to(self.ctx.device)
             captions = self.model.caption(images)
         finally:
@@ -400,7 +401,7 @@ class Trainer:
             return
         if val["val_loss"] < self.best_val_loss:
             self.best_val_loss = val["val_loss"]
-            self.save("best_model", with_state=False)
+            self.save(BEST_CHECKPOINT, with_state=False)
         self.sample_sheet()
         loss_curve_png(self.metrics_path, self.run_dir / "loss_curve.png")
 
@@ -469,7 +470,7 @@ class Trainer:
                     continue
                 if self.step % t.save_every_steps == 0 and ctx.is_main:
                     if self.batch_in_epoch < self.sampler.batches_per_epoch:
-                        self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                        self.save(checkpoint_name(self.step))
                     else:
                         save_after_epoch = True
                 if time.time() > deadline:
@@ -483,10 +484,10 @@ class Trainer:
                 if not t.val_every_steps:
                     self._validate_and_sample()
                 if save_after_epoch:
-                    self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                    self.save(checkpoint_name(self.step))
                     save_after_epoch = False
         if save_after_epoch and ctx.is_main and self.joint_end < self.total_steps:
-            self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+            self.save(checkpoint_name(self.step))
         return False
 
     def _plan_diffusion_phase(self, deadline: float, per_step: float) -> None:
@@ -522,12 +523,12 @@ class Trainer:
             if not t.val_every_steps and (self.step - self.joint_end) % self.steps_per_epoch == 0:
                 self._validate_and_sample()
             if self.step % t.save_every_steps == 0 and ctx.is_main:
-                self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                self.save(checkpoint_name(self.step))
 
     def fit(self) -> dict:
         t, ctx = self.cfg.train, self.ctx
         if ctx.is_main:
-            (self.run_dir / "config.json").write_text(config_to_json(self.cfg))
+            (self.run_dir / CONFIG_FILE).write_text(config_to_json(self.cfg))
         self._truncate_metrics()
         deadline = self.started + t.max_minutes * 60 if t.max_minutes else math.inf
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True)
@@ -540,7 +541,7 @@ class Trainer:
         if self.last_val_step != self.step:
             self._after_validation(self.validate())
         if ctx.is_main:
-            self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+            self.save(checkpoint_name(self.step))
         if self.skipped_images:
             _log(ctx, f"{self.skipped_images} unreadable images were skipped in all")
         minutes = (time.time() - self.started) / 60

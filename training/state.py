@@ -1,7 +1,6 @@
 """What makes a run resumable: the epoch sampler, RNG state, the `latest` pointer and checkpoint rotation."""
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -9,10 +8,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Sampler
 
+from common.files import atomic_write_text
 from configs.errors import UserError
-
-LATEST_FILE = "latest"
-CHECKPOINT_PREFIX = "checkpoint-"
+from models.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE
 
 
 class EpochSampler(Sampler[int]):
@@ -54,9 +52,7 @@ def restore_rng_state(state: dict) -> None:
 
 
 def write_latest(run_dir: Path, checkpoint: Path) -> None:
-    tmp = run_dir / (LATEST_FILE + ".tmp")
-    tmp.write_text(checkpoint.name + "\n")
-    os.replace(tmp, run_dir / LATEST_FILE)
+    atomic_write_text(run_dir / LATEST_FILE, checkpoint.name + "\n")
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:
