@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model.* (the UNet), train.* (diffusion_batch_size, diffusion_learning_rate, snr_gamma, "
                         "ema_decay, diffusion_captions_per_image) and sample.* overrides")
     p.add_argument("--num-prompts", type=int, default=240, help="val images whose first caption is a prompt")
-    p.add_argument("--guidance", default="", help="extra guidance scales to read besides sample.guidance_scale")
+    p.add_argument("--guidance-scale", default="", help="extra guidance scales to read besides sample.guidance_scale")
+    p.add_argument("--guidance", dest="guidance_scale", help=argparse.SUPPRESS)  # the spelling before
     p.add_argument("--cache-dir", default="outputs/lever_features", help="frozen features, kept between runs")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         count = min(args.num_prompts, val_set.num_images)
         prompts = [val_set.image_captions(i)[0] for i in range(count)]
         result["sweep"] = []
-        guidances = [cfg.sample.guidance_scale] + [float(g) for g in args.guidance.split(",") if g]
+        guidances = [cfg.sample.guidance_scale] + [float(g) for g in args.guidance_scale.split(",") if g]
         for guidance in guidances:
             generated = model.generate_images(prompts, list(range(len(prompts))), guidance_scale=guidance,
                                               batch_size=120)
