@@ -31,7 +31,6 @@ def check_outputs(paths: list[Path], overwrite: bool, input_folder: Path | None)
             raise UserError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
 
 
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a UserError (one `error:` line) instead of usage text and SystemExit."""
 
@@ -40,8 +39,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ArgumentParser(description="Generate images from text and captions from images with a Duet "
-                                            "checkpoint.")
+    p = ArgumentParser(description="Generate images from text and captions from images with a Duet checkpoint.")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the newest under outputs/)")
     p.add_argument("--mode", choices=("t2i", "i2t", "both"),
                    help="t2i: --text -> image; i2t: --image -> caption; both: each with one model load (without "
