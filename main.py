@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", help="coco | embedded | fashion | a COCO-format folder (sets data.dataset)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, e.g. train.epochs=3")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
-    parser.add_argument("--out-dir", help="where runs go (sets train.out_dir; default outputs)")
+    parser.add_argument("--out", help="where runs go (sets train.out_dir; default outputs)")
+    parser.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)  # the spelling before --out
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier run of the same name (sets train.overwrite)")
     return parser.parse_args(argv)
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = list(args.set)
         if args.dataset:
             overrides.append(f"data.dataset={args.dataset}")
-        if args.out_dir:
-            overrides.append(f"train.out_dir={args.out_dir}")
+        if args.out:
+            overrides.append(f"train.out_dir={args.out}")
         if args.overwrite:
             overrides.append("train.overwrite=true")
         cfg = load_config(args.config or default_preset(args.dataset), overrides)

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="embedded world: least share of generated images the oracle reads right (default 0.5)")
     p.add_argument("--min-i2t", type=float, default=0.6,
                    help="embedded world: least share of captions the oracle reads right (default 0.6)")
-    p.add_argument("--out-dir", help="where the test images go (default: <run>/test_generation beside the checkpoint)")
+    p.add_argument("--out", help="where the test images go (default: <run>/test_generation beside the checkpoint)")
+    p.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)  # the spelling before --out
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when present)")
     return p.parse_args(argv)
@@ -46,13 +47,13 @@ def read_val_split(cfg, limit: int) -> tuple[str, list[dict]]:
     """(dataset name, up to `limit` val images {"path", "captions", "scene" or None}) of the checkpoint's dataset;
     no images when the dataset is not on this machine (nothing is generated or downloaded here)."""
     from data.coco import resolve_split_files
-    from data.datasets import dataset_path, resolve_dataset_name
+    from data.datasets import dataset_folder, resolve_dataset_name
 
     try:
         name = resolve_dataset_name(cfg)
     except UserError:  # a folder dataset that is not here
         return cfg.data.dataset, []
-    folder = dataset_path(cfg, name)
+    folder = dataset_folder(cfg, name, create=False)
     try:
         ann_file, image_dir = resolve_split_files(folder, cfg.data.val_split)
         tree = json.loads(ann_file.read_text())
@@ -96,15 +97,15 @@ def blank_images(images: list[Image.Image]) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from inference import ImageTextGenerator
     from models.checkpoint import find_latest_checkpoint
+    from pipelines.generator import ImageTextGenerator
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else find_latest_checkpoint()
     generator = ImageTextGenerator(checkpoint, device=args.device)
     cfg = generator.config
     name, val_images = read_val_split(cfg, max(args.num_captions, NUM_PROMPTS, ORACLE_PROMPTS))
     prompts, _ = pick_prompts(name, val_images)
-    out_dir = Path(args.out_dir) if args.out_dir else checkpoint.parent / "test_generation"
+    out_dir = Path(args.out) if args.out else checkpoint.parent / "test_generation"
 
     start = time.perf_counter()
     images, paths = generator.batch_text_to_image(prompts, out_dir, batch_size=16,
@@ -160,9 +161,9 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        from inference import quiet_libraries
+        from models.checkpoint import quiet_library_progress
 
-        quiet_libraries()
+        quiet_library_progress()
         report = run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -27,11 +27,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=15.0, help="training wall-clock budget (train.max_minutes)")
     p.add_argument("--preset", default="embedded")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides")
-    p.add_argument("--out-dir", default="outputs", help="train.out_dir")
+    p.add_argument("--out", default="outputs", help="train.out_dir")
+    p.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)  # the spelling before --out
     p.add_argument("--run-name", default="", help="default: embedded_quality-<unix time>, a fresh run each time")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N val images (0: all)")
     p.add_argument("--num-generated", type=int, default=64)
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, help="sampling steps (default: the checkpoint's sample.steps)")
     return p.parse_args(argv)
 
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
               "budget_minutes": args.minutes}
     try:
         cfg = load_config(args.preset, [*args.set, f"train.max_minutes={args.minutes}",
-                                        f"train.out_dir={args.out_dir}", f"train.run_name={run_name}"])
+                                        f"train.out_dir={args.out}", f"train.run_name={run_name}"])
         summary = run(cfg)
         result["load_average_after_training"] = [round(v, 2) for v in os.getloadavg()]
         checkpoint = find_latest_checkpoint(summary["run_dir"])

@@ -67,6 +67,8 @@ def plain_diffusers_loop(model, texts: list[str], seeds: list[int], steps: int, 
     same latent decoder and uint8 conversion; what a hand-written diffusers loop does."""
     from diffusers import DDIMScheduler
 
+    from common.images import to_uint8
+
     device = model.logit_scale.device
     tokens = model.tokenize(texts)
     states = model.text_states(tokens["input_ids"], tokens["attention_mask"])
@@ -83,7 +85,7 @@ def plain_diffusers_loop(model, texts: list[str], seeds: list[int], steps: int, 
         uncond, text = unet(model_in, t, encoder_hidden_states=cond, encoder_attention_mask=mask).sample.chunk(2)
         latents = scheduler.step(uncond + guidance_scale * (text - uncond), t, latents).prev_sample
     images = model.decode_latents(latents).clamp(-1, 1)
-    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def bench_text_to_image(generator, args, device) -> dict:
@@ -98,7 +100,7 @@ def bench_text_to_image(generator, args, device) -> dict:
                                                  seed=0)[0]
 
         def plain():
-            return plain_diffusers_loop(generator.model, texts, seeds, args.steps, 3.0)
+            return plain_diffusers_loop(generator.model, texts, seeds, args.steps, generator.config.sample.guidance_scale)
 
         same = all(np.array_equal(np.asarray(a), b) for a, b in zip(ours(), plain()))  # also the warm-up
         ours_runs, plain_runs = [], []
@@ -155,13 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
     from configs.loading import load_config
-    from inference import ImageTextGenerator, resolve_device
+    from models.checkpoint import quiet_library_progress
+    from models.device import resolve_device
     from models.duet import DuetModel
+    from pipelines.generator import ImageTextGenerator
 
-    hf_logging.disable_progress_bar()
+    quiet_library_progress()
     device = resolve_device(args.device)
     overrides = {"model.max_caption_len": max(args.tokens, load_config(args.preset).model.max_caption_len)}
     cfg = load_config(args.preset, overrides)

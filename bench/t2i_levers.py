@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="model.* (the UNet), train.* (diffusion_batch_size, diffusion_learning_rate, snr_gamma, "
                         "ema_decay, diffusion_captions_per_image) and sample.* overrides")
     p.add_argument("--num-prompts", type=int, default=240, help="val images whose first caption is a prompt")
-    p.add_argument("--guidance", default="", help="extra guidance scales to read besides sample.guidance_scale")
+    p.add_argument("--guidance-scale", default="", help="extra guidance scales to read besides sample.guidance_scale")
+    p.add_argument("--guidance", dest="guidance_scale", help=argparse.SUPPRESS)  # the spelling before
     p.add_argument("--cache-dir", default="outputs/lever_features", help="frozen features, kept between runs")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -47,6 +48,7 @@ def frozen_features(model, train_set, per_image: int, cache_dir: Path, checkpoin
     """build_frozen_features, kept in a safetensors file named by the checkpoint and caption count."""
     from safetensors.torch import load_file, save_file
 
+    from common.files import atomic_write
     from training.features import FrozenFeatures, build_frozen_features
 
     key = hashlib.sha1(f"{checkpoint.resolve()}:{per_image}".encode()).hexdigest()[:12]
@@ -55,10 +57,7 @@ def frozen_features(model, train_set, per_image: int, cache_dir: Path, checkpoin
         return FrozenFeatures(**load_file(path)), 0.0
     started = time.time()
     features = build_frozen_features(model, train_set, per_image, torch.device("cpu"), contextlib.nullcontext)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: getattr(features, k).contiguous() for k in FEATURE_FIELDS}, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: save_file({k: getattr(features, k).contiguous() for k in FEATURE_FIELDS}, tmp))
     return features, time.time() - started
 
 
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from configs.errors import UserError
     from configs.loading import apply, parse_overrides, validate
     from data.datasets import build_datasets
-    from evaluation.generation import generate_for_prompts, oracle_generation_accuracy
+    from evaluation.generation import oracle_generation_accuracy
     from models.checkpoint import load_checkpoint
     from models.diffusion import LatentDiffusion
     from models.text_encoder import TextEncoder
@@ -143,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         count = min(args.num_prompts, val_set.num_images)
         prompts = [val_set.image_captions(i)[0] for i in range(count)]
         result["sweep"] = []
-        guidances = [cfg.sample.guidance_scale] + [float(g) for g in args.guidance.split(",") if g]
+        guidances = [cfg.sample.guidance_scale] + [float(g) for g in args.guidance_scale.split(",") if g]
         for guidance in guidances:
-            generated = generate_for_prompts(model, prompts, guidance_scale=guidance, seed=0, batch_size=120)
+            generated = model.generate_images(prompts, list(range(len(prompts))), guidance_scale=guidance,
+                                              batch_size=120)
             result["sweep"].append({"guidance": guidance, **flat(oracle_generation_accuracy(generated, prompts))})
         result["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     except UserError as err:

@@ -3,7 +3,7 @@ budget (or takes --checkpoint), then reads generated images with the world's ora
 settings, and the greedy captions of the same val images. Prints one JSON object; asserts nothing.
 
     python bench/t2i_quality.py --minutes 15                       # the default run, then the sweep
-    python bench/t2i_quality.py --checkpoint outputs/embedded/checkpoint-000900 --guidance 2,3,5 --spacing trailing,leading
+    python bench/t2i_quality.py --checkpoint outputs/embedded/checkpoint-000900 --guidance-scale 2,3,5 --spacing trailing,leading
 """
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=15.0, help="training budget (train.max_minutes)")
     p.add_argument("--checkpoint", help="evaluate this checkpoint instead of training one")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config overrides for training")
-    p.add_argument("--out-dir", default="outputs")
+    p.add_argument("--out", default="outputs", help="train.out_dir")
+    p.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)  # the spelling before --out
     p.add_argument("--run-name", default="", help="default: t2i_quality-<minutes>min-<unix time>")
     p.add_argument("--num-prompts", type=int, default=400, help="val images whose first caption is a prompt")
-    p.add_argument("--guidance", default="", help="guidance scales to sweep (default: the checkpoint's)")
+    p.add_argument("--guidance-scale", default="", help="guidance scales to sweep (default: the checkpoint's)")
+    p.add_argument("--guidance", dest="guidance_scale", help=argparse.SUPPRESS)  # the spelling before
     p.add_argument("--steps", default="", help="sampling steps to sweep (default: the checkpoint's)")
     p.add_argument("--spacing", default="", help="timestep spacings to sweep (default: the checkpoint's)")
     p.add_argument("--scheduler", default="", help="samplers to sweep (default: the checkpoint's)")
@@ -47,7 +49,7 @@ def train(args) -> tuple[Path, dict]:
     from training.loop import run
 
     name = args.run_name or f"t2i_quality-{args.minutes:g}min-{int(time.time())}"
-    cfg = load_config("embedded", [*args.set, f"train.max_minutes={args.minutes}", f"train.out_dir={args.out_dir}",
+    cfg = load_config("embedded", [*args.set, f"train.max_minutes={args.minutes}", f"train.out_dir={args.out}",
                                    f"train.run_name={name}"])
     summary = run(cfg)
     run_dir = Path(summary["run_dir"])
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from configs.errors import UserError
     from data.datasets import build_split, dataset_folder, resolve_dataset_name
     from data.world import Scene
-    from evaluation.generation import generate_for_prompts, oracle_caption_accuracy, oracle_generation_accuracy
+    from evaluation.generation import oracle_caption_accuracy, oracle_generation_accuracy
     from evaluation.suite import caption_one_thread, image_entries
     from models.checkpoint import load_checkpoint
 
@@ -106,13 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         sample = cfg.sample
         grid = itertools.product(args.scheduler.split(",") if args.scheduler else [sample.scheduler],
                                  [int(v) for v in floats(args.steps)] or [sample.steps],
-                                 floats(args.guidance) or [sample.guidance_scale],
+                                 floats(args.guidance_scale) or [sample.guidance_scale],
                                  args.spacing.split(",") if args.spacing else [sample.timestep_spacing])
         result["sweep"] = []
         for scheduler, steps, guidance, spacing in grid:
             model.config.sample.timestep_spacing = spacing
             t0 = time.time()
-            generated = generate_for_prompts(model, prompts, steps, guidance, scheduler, seed=0, batch_size=100)
+            generated = model.generate_images(prompts, list(range(len(prompts))), steps, guidance, scheduler,
+                                              batch_size=100)
             result["sweep"].append({"scheduler": scheduler, "steps": steps, "guidance": guidance, "spacing": spacing,
                                     "seconds": round(time.time() - t0, 1),
                                     **flat(oracle_generation_accuracy(generated, prompts))})

@@ -112,11 +112,11 @@ def loader_throughput(cfg, tokenizer, count: int) -> dict:
     """Images/s of the cached train split (bench/data_loader.py's measure) with 0 and 2 workers."""
     from torch.utils.data import Subset
 
-    from data.datasets import build_split, dataset_path, resolve_dataset_name
+    from data.datasets import build_split, dataset_folder, resolve_dataset_name
     from data_loader import images_per_second
 
     name = resolve_dataset_name(cfg)
-    folder = dataset_path(cfg, name)
+    folder = dataset_folder(cfg, name, create=False)
     if name != "embedded" or not (folder / "manifest.json").is_file():
         return {"loader": f"skipped: no generated {name} dataset under {cfg.data.root}/ (train once first)"}
     train = build_split(cfg, name, folder, cfg.data.train_split, tokenizer, 0, "random")

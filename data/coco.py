@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from common.images import from_uint8
 from configs.errors import UserError
 from data.transforms import IMAGE_ERRORS, read_image
 
@@ -241,8 +242,7 @@ class CocoCaptions(Dataset):
         pixels = self._read_pixels(image_position)
         if pixels is None:
             return None
-        # copy: PIL and memmap arrays are read-only
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        return from_uint8(pixels)
 
     def __getitem__(self, idx: int) -> dict:
         """A sample, or {"unreadable": image_id} for an image that cannot be read (collate_captions drops it and

@@ -28,3 +28,8 @@ def collate_captions(samples: list[dict | None]) -> dict:
         "num_skipped": num_skipped,
         "skipped_ids": skipped_ids,
     }
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on device (non-blocking: the loader pins memory on CUDA); the rest as it is."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

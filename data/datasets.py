@@ -34,43 +34,49 @@ def resolve_dataset_name(cfg) -> str:
     return name
 
 
-def dataset_path(cfg, name: str) -> Path:
-    """Where a resolved dataset's folder is, or will be once generated; generates and checks nothing."""
-    root = Path(cfg.data.root)
-    if name == "coco":
-        return coco_folder(cfg)
-    if name == "embedded":
-        from data.embedded import embedded_folder
-
-        return embedded_folder(root, cfg.data.embedded_train_images, cfg.data.embedded_val_images,
-                               cfg.data.embedded_seed)
-    if name == "fashion":
-        from data.fashion import fashion_folder
-
-        return fashion_folder(root, cfg.data.fashion_train_images, cfg.data.fashion_val_images, cfg.data.fashion_tints)
-    return Path(name)
-
-
-def dataset_folder(cfg, name: str) -> Path:
-    """The COCO-format folder of a resolved dataset name, generating the embedded or fashion set if needed."""
-    root = Path(cfg.data.root)
+def dataset_folder(cfg, name: str, create: bool = True) -> Path:
+    """The COCO-format folder of a resolved dataset name. create: generates the embedded or fashion set if it is
+    not there yet and checks COCO's files; without it, only says where the folder is or will be."""
+    root, d = Path(cfg.data.root), cfg.data
     if name == "coco":
         folder = coco_folder(cfg)
-        for split in (cfg.data.train_split, cfg.data.val_split):
+        for split in (d.train_split, d.val_split) if create else ():
             expected = (folder / f"{split}2017", folder / "annotations" / f"captions_{split}2017.json")
             if not all(path.exists() for path in expected):
                 raise coco_missing_error(folder, split)
         return folder
     if name == "embedded":
-        from data.embedded import ensure_embedded  # the generator is heavy; only import it when asked for
+        # the generator is heavy; only imported when asked for
+        from data.embedded import embedded_folder, ensure_embedded
 
-        return Path(ensure_embedded(root, cfg.data.embedded_train_images, cfg.data.embedded_val_images,
-                                    cfg.data.embedded_seed))
+        make = ensure_embedded if create else embedded_folder
+        return Path(make(root, d.embedded_train_images, d.embedded_val_images, d.embedded_seed))
     if name == "fashion":
-        from data.fashion import ensure_fashion
+        from data.fashion import ensure_fashion, fashion_folder
 
-        return ensure_fashion(root, cfg.data.fashion_train_images, cfg.data.fashion_val_images, cfg.data.fashion_tints)
+        make = ensure_fashion if create else fashion_folder
+        return make(root, d.fashion_train_images, d.fashion_val_images, d.fashion_tints)
     return Path(name)
+
+
+def domain_folder(dataset: str, root: str | Path) -> Path:
+    """The folder of a domain a trained model is used on (specialize.py): "fashion" is the newest fashion set
+    already under root (a training run may have asked for other counts; it is never regenerated), else one with
+    the default counts; anything else must be an existing folder."""
+    if dataset == "fashion":
+        from configs.schema import DuetConfig
+        from data.fashion import complete_fashion_sets
+
+        sets = complete_fashion_sets(root)
+        if sets:
+            return sets[0]
+        cfg = DuetConfig()
+        cfg.data.root = str(root)
+        return dataset_folder(cfg, "fashion")
+    folder = Path(dataset)
+    if not folder.is_dir():
+        raise UserError(f"--dataset {dataset} is neither 'fashion' nor an existing folder")
+    return folder
 
 
 def safe_dataset_name(name: str) -> str:
@@ -95,8 +101,8 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
 
 
 def refuse_inside_dataset(path: str | Path, folder: str | Path, what: str, fix: str) -> None:
-    """UserError when an output path is, or is inside, a dataset folder (dataset_path or dataset_folder): nothing
-    may write into a user's data."""
+    """UserError when an output path is, or is inside, a dataset folder (dataset_folder): nothing may write into a
+    user's data."""
     if is_inside(path, folder):
         raise UserError(f"{what} {path} is inside the dataset folder {folder}, which is never written to; {fix}")
 

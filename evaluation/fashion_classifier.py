@@ -7,7 +7,6 @@ still trained on randomly tinted copies, so that path (and impure generated colo
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from common.files import atomic_write
 from configs.errors import UserError
 from data.fashion import FASHION_DIR, FASHION_TINTS, read_idx
 
@@ -162,13 +162,9 @@ def classifier_path(root: str | Path) -> Path:
 
 def save_fashion_classifier(classifier: FashionClassifier, root: str | Path) -> Path:
     """Writes the weights (and test accuracy, as metadata) atomically to <root>/cache/fashion_classifier/."""
-    path = classifier_path(root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     metadata = {"version": CLASSIFIER_VERSION, "test_accuracy": repr(classifier.test_accuracy)}
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    state = {k: v.contiguous() for k, v in classifier.state_dict().items()}
+    return atomic_write(classifier_path(root), lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def _read_cached(path: Path) -> FashionClassifier | None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from data.oracle import compare, parse_caption, read_image, summarize
 from evaluation.fashion_classifier import classifier_accuracy
-from training.figures import to_pil
+from common.images import to_pil
 
 FD_LABEL = "FD (Duet encoder features) — not Inception FID, whose weights cannot be had offline"
 
@@ -149,22 +149,6 @@ def oracle_generation_accuracy(images: torch.Tensor, prompts: list[str]) -> dict
 def oracle_caption_accuracy(captions: list[str], scenes: list) -> dict:
     """Generated captions parsed by data.oracle.parse_caption vs each image's true Scene -> oracle_summary's dict."""
     return oracle_summary([parse_caption(c) for c in captions], list(scenes))
-
-
-def generate_for_prompts(model, prompts: list[str], steps: int | None = None, guidance_scale: float | None = None,
-                         scheduler: str | None = None, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
-    """prompts -> images (N, 3, H, W) in [-1, 1] on the CPU; image i is seeded by seed + i, so it does not depend
-    on the batch size. Samples with the checkpoint's UNet as loaded (EMA when load_checkpoint picked it); None
-    settings take the checkpoint's sample section."""
-    device = model.logit_scale.device
-    sampler = model.sampler(scheduler)
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        generators = [torch.Generator(device).manual_seed(seed + start + i) for i in range(len(chunk))]
-        images.append(model.generate_images(chunk, sampler, steps, guidance_scale, generators).float().cpu())
-    side = model.config.model.image_size
-    return torch.cat(images) if images else torch.zeros(0, 3, side, side)
 
 
 def generated_image_metrics(model, prompts: list[str], images: torch.Tensor, real_features: torch.Tensor | None = None,

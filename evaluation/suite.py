@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from common.figures import loss_curve_png, sample_sheet_png
+from common.images import to_pil
 from configs.errors import UserError
 from data.coco import resolve_split_files
 from data.collate import collate_captions
@@ -19,14 +21,12 @@ from data.datasets import build_split, dataset_folder, refuse_inside_dataset, re
 from data.world import Scene
 from evaluation.captions import read_results_json, score_captions, write_results_json
 from evaluation.fashion_classifier import classifier_accuracy, load_fashion_classifier
-from evaluation.generation import (embed_tokens, generate_for_prompts, generated_image_metrics,
-                                   oracle_caption_accuracy)
+from evaluation.generation import embed_tokens, generated_image_metrics, oracle_caption_accuracy
 from evaluation.report import write_report
 from evaluation.retrieval import retrieval_metrics, top_matches
 from evaluation.retrieval_examples import retrieval_examples_png
 from models.device import resolve_device
 from models.checkpoint import find_latest_checkpoint, load_checkpoint
-from training.figures import loss_curve_png, sample_sheet_png, to_pil
 
 NUM_FIGURE_SAMPLES = 8      # images in the sample grid
 NUM_RETRIEVAL_QUERIES = 4   # queries per direction in the retrieval figure
@@ -255,7 +255,8 @@ def evaluate_checkpoint(checkpoint: str | Path | None = None, dataset: str | Non
     count = min(num_generated, len(encoded["image_ids"]))
     # Image k's first caption is prompt k: real images for the sample grid and the classifier line up.
     prompts = [encoded["references"][k][0] for k in range(count)]
-    generated = generate_for_prompts(model, prompts, steps, guidance_scale, scheduler, seed, batch_size)
+    generated = model.generate_images(prompts, [seed + i for i in range(count)], steps, guidance_scale, scheduler,
+                                      batch_size=batch_size)
     metrics["generation"] = None
     if count:
         g = generation_metrics(model, data, encoded, generated, prompts, name, entries, cfg.data.root)

@@ -71,8 +71,8 @@ class DecoderLayer(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-    """Teacher-forced logits in training; `step` decodes with a KV cache. Vocabulary indices, not tokenizer ids,
-    inside; `to_vocab`/`to_token_ids` convert at the boundary."""
+    """Teacher-forced logits in training; `step` decodes with a KV cache (the strategies: models/caption_search.py).
+    Vocabulary indices, not tokenizer ids, inside; `to_vocab`/`to_token_ids` convert at the boundary."""
 
     def __init__(self, cfg: ModelConfig, memory_dim: int, tokenizer_vocab_size: int, bos_id: int, eos_id: int,
                  pad_id: int, unk_id: int):
@@ -141,21 +141,3 @@ class CaptionDecoder(nn.Module):
     @staticmethod
     def reorder_cache(cache: list[LayerCache], beam_index: torch.Tensor) -> list[LayerCache]:
         return [tuple(t.index_select(0, beam_index) for t in layer) for layer in cache]
-
-    @torch.no_grad()
-    def greedy(self, image_tokens: torch.Tensor, max_length: int | None = None) -> torch.Tensor:
-        """image_tokens (B, M, D) -> tokenizer ids (B, <= max_length), BOS first, pads after EOS."""
-        B, max_length = image_tokens.shape[0], min(max_length or self.max_len, self.max_len)
-        memory = self.memory(image_tokens)
-        vocab = torch.full((B, 1), int(self.vocab_index[self.bos_id]), device=memory.device)
-        eos, done, cache = int(self.vocab_index[self.eos_id]), torch.zeros(B, dtype=torch.bool, device=memory.device), None
-        for position in range(max_length - 1):
-            logits, cache = self.step(vocab[:, -1:], memory, cache, position)
-            # Training never targets BOS or PAD, so they are never a next token.
-            logits[:, [int(self.vocab_index[self.bos_id]), int(self.vocab_index[self.pad_id])]] = float("-inf")
-            next_token = logits.argmax(-1).masked_fill(done, int(self.vocab_index[self.pad_id]))
-            vocab = torch.cat([vocab, next_token[:, None]], dim=1)
-            done |= next_token == eos
-            if done.all():
-                break
-        return self.to_token_ids(vocab)

@@ -13,57 +13,60 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from common.files import atomic_dir
 from configs.errors import UserError
 from configs.loading import config_from_dict, config_to_dict
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_STATE_FILE = "config.json", "model.safetensors", "trainer_state.pt"
+TEXT_ENCODER_DIR, UNET_DIR, EMA_UNET_DIR, SCHEDULER_DIR = "text_encoder", "unet", "unet_ema", "scheduler"
+# A run's folder: checkpoint-NNNNNN/ folders (rotated), best_model/, and `latest` naming the newest checkpoint.
+CHECKPOINT_PREFIX, BEST_CHECKPOINT, LATEST_FILE = "checkpoint-", "best_model", "latest"
 # Added after checkpoints of the same format were written; zeros reproduce what those models computed.
 ZERO_IF_ABSENT = ("caption_decoder.memory_pos",)
 HF_PREFIXES = ("text_encoder.bert.", "diffusion.unet.")  # saved by their own libraries in subfolders
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
 
 
 def own_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if not k.startswith(HF_PREFIXES)}
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Moves a finished tmp folder to its final name; an older folder there is removed only afterwards."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(model, folder: str | Path, ema=None, trainer_state: dict | None = None) -> Path:
     """Writes model (unwrapped DuetModel), its EMA (diffusers EMAModel) and trainer state atomically."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = {"format_version": FORMAT_VERSION, **config_to_dict(model.config)}
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    save_file(own_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-    model.text_encoder.bert.save_pretrained(tmp / "text_encoder")
-    model.tokenizer.save_pretrained(tmp / "text_encoder")
-    model.diffusion.unet.save_pretrained(tmp / "unet")
-    model.diffusion.noise_scheduler.save_pretrained(tmp / "scheduler")
-    if ema is not None:
-        with torch.random.fork_rng(devices=[]):  # it builds a fresh UNet, which must not move the run's RNG
-            ema.save_pretrained(tmp / "unet_ema")
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
-    replace_dir(tmp, folder)
-    return folder
+    def write(tmp: Path) -> None:
+        config = {"format_version": FORMAT_VERSION, **config_to_dict(model.config)}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_file(own_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        model.text_encoder.bert.save_pretrained(tmp / TEXT_ENCODER_DIR)
+        model.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
+        model.diffusion.unet.save_pretrained(tmp / UNET_DIR)
+        model.diffusion.noise_scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+        if ema is not None:
+            with torch.random.fork_rng(devices=[]):  # it builds a fresh UNet, which must not move the run's RNG
+                ema.save_pretrained(tmp / EMA_UNET_DIR)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+
+    return atomic_dir(folder, write)
+
+
+def quiet_library_progress() -> None:
+    """Turns off transformers' and diffusers' per-file load/save bars: our own bar and one-line errors stay readable."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -111,14 +114,14 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_
 
     folder = Path(folder)
     cfg = read_config(folder)
-    unet_dir = folder / ("unet_ema" if use_ema and (folder / "unet_ema").is_dir() else "unet")
+    unet_dir = folder / (EMA_UNET_DIR if use_ema and (folder / EMA_UNET_DIR).is_dir() else UNET_DIR)
     try:
-        bert = AutoModel.from_pretrained(folder / "text_encoder", local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder / "text_encoder", local_files_only=True)
+        bert = AutoModel.from_pretrained(folder / TEXT_ENCODER_DIR, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder / TEXT_ENCODER_DIR, local_files_only=True)
         with _quiet_diffusers():  # unet_ema's config carries the EMA's decay etc., which the UNet ignores
             unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True)
         scheduler_cls = type(build_noise_scheduler(cfg.train.diffusion_timesteps, cfg.model.diffusion_objective))
-        noise_scheduler = scheduler_cls.from_pretrained(folder / "scheduler", local_files_only=True)
+        noise_scheduler = scheduler_cls.from_pretrained(folder / SCHEDULER_DIR, local_files_only=True)
         state = load_file(folder / WEIGHTS_FILE)
     except (OSError, ValueError, SafetensorError, EnvironmentError) as err:
         raise UserError(f"checkpoint {folder} is incomplete or damaged: {str(err).splitlines()[0]}") from None
@@ -150,7 +153,7 @@ def load_trainer_state(folder: str | Path) -> dict:
 
 def _is_complete_checkpoint(folder: Path, root: Path) -> bool:
     """Our weights plus the HF subfolders (text_encoder/ holds a config.json too), outside any .tmp/.old folder."""
-    return ((folder / WEIGHTS_FILE).is_file() and (folder / "text_encoder").is_dir() and (folder / "unet").is_dir()
+    return ((folder / WEIGHTS_FILE).is_file() and (folder / TEXT_ENCODER_DIR).is_dir() and (folder / UNET_DIR).is_dir()
             and not any(part.endswith((".tmp", ".old")) for part in folder.relative_to(root).parts))
 
 

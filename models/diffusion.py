@@ -117,12 +117,11 @@ class LatentDiffusion(nn.Module):
         return self.unet.config.class_embed_type == "projection"
 
     def denoise(self, noisy: torch.Tensor, timesteps, text_states: torch.Tensor, text_mask: torch.Tensor,
-                pooled: torch.Tensor | None = None, unet: UNet2DConditionModel | None = None) -> torch.Tensor:
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
         """One UNet evaluation: (B, Lc, h, w) noisy latents -> the objective's prediction, same shape.
         pooled (B, embed_dim): the text embedding, for a UNet built with model.unet_pooled_embedding."""
-        unet = unet or self.unet
-        return unet(self.unet_input(noisy), timesteps, encoder_hidden_states=text_states,
-                    encoder_attention_mask=text_mask, class_labels=pooled if self.uses_pooled else None).sample
+        return self.unet(self.unet_input(noisy), timesteps, encoder_hidden_states=text_states,
+                         encoder_attention_mask=text_mask, class_labels=pooled if self.uses_pooled else None).sample
 
     def training_loss(self, latents: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
                       pooled: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,29 +155,36 @@ class LatentDiffusion(nn.Module):
     @torch.no_grad()
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, latent_shape: tuple[int, ...],
                scheduler, num_inference_steps: int, guidance_scale: float,
-               generator: torch.Generator | list[torch.Generator] | None = None,
-               unet: UNet2DConditionModel | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | list[torch.Generator] | None = None, pooled: torch.Tensor | None = None,
+               uncond: tuple | None = None) -> torch.Tensor:
         """Denoises from Gaussian noise; returns normalised latents (B, Lc, h, w). guidance_scale 1 skips the
-        unconditional pass."""
+        unconditional pass. uncond: (states, mask, pooled) of the unconditional branch (a negative prompt); None
+        is the null condition of training, all-zero states with the prompt's mask."""
         B, device = text_states.shape[0], text_states.device
-        if isinstance(generator, list):  # one generator per image keeps batched output equal to one-by-one
+        per_image = isinstance(generator, list)  # one generator per image keeps batched output equal to one-by-one
+        if per_image:
             latents = torch.cat([torch.randn((1, *latent_shape), generator=g, device=device) for g in generator])
         else:
             latents = torch.randn((B, *latent_shape), generator=generator, device=device)
         scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         guided = guidance_scale != 1.0
-        states = torch.cat([torch.zeros_like(text_states), text_states]) if guided else text_states
-        mask = torch.cat([text_mask, text_mask]) if guided else text_mask
-        if pooled is not None and guided:
-            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        if guided:
+            null = (torch.zeros_like(text_states), text_mask, None if pooled is None else torch.zeros_like(pooled))
+            uncond_states, uncond_mask, uncond_pooled = uncond or null
+            states, mask = torch.cat([uncond_states, text_states]), torch.cat([uncond_mask, text_mask])
+            pooled = None if pooled is None else torch.cat([uncond_pooled, pooled])
+        else:
+            states, mask = text_states, text_mask
+        # Stochastic samplers (ddpm) draw their step noise from the same generators, so that stays per image too.
+        step_kwargs = {"generator": generator} if per_image else {}
         for t in scheduler.timesteps:
             model_in = torch.cat([latents] * 2) if guided else latents
             if hasattr(scheduler, "scale_model_input"):
                 model_in = scheduler.scale_model_input(model_in, t)
-            pred = self.denoise(model_in, t, states, mask, pooled, unet)
+            pred = self.denoise(model_in, t, states, mask, pooled)
             if guided:
-                uncond, cond = pred.chunk(2)
-                pred = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(pred, t, latents).prev_sample
+                uncond_pred, cond_pred = pred.chunk(2)
+                pred = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
+            latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
         return latents

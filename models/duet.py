@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from configs.schema import DuetConfig
 from models.caption_decoder import CaptionDecoder
+from models.caption_search import CaptionOptions, decode_captions
 from models.diffusion import LatentDiffusion, sampling_scheduler
 from models.image_decoder import ImageDecoder
 from models.image_encoder import build_image_encoder
@@ -124,9 +125,12 @@ class DuetModel(nn.Module):
                 "img_rec": img_rec, "cap": cap}
 
     @torch.no_grad()
-    def caption(self, images: torch.Tensor, max_length: int | None = None) -> list[str]:
-        """Greedy captions for images (B, 3, H, W); inference offers beam search and sampling."""
-        token_ids = self.caption_decoder.greedy(self.image_encoder(images)["tokens"], max_length)
+    def caption(self, images: torch.Tensor, options: CaptionOptions | None = None,
+                generators: list[torch.Generator] | None = None) -> list[str]:
+        """Captions for images (B, 3, H, W): greedy unless options say beam search or sampling (which needs
+        `generators`, one per image)."""
+        token_ids, _ = decode_captions(self.caption_decoder, self.image_encoder(images)["tokens"],
+                                       options or CaptionOptions(), generators)
         return self.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
 
     def sampler(self, name: str | None = None):
@@ -135,17 +139,45 @@ class DuetModel(nn.Module):
         return sampling_scheduler(name or sample.scheduler, self.diffusion.noise_scheduler, sample.timestep_spacing)
 
     @torch.no_grad()
-    def generate_images(self, texts: list[str], scheduler=None, num_inference_steps: int | None = None,
-                        guidance_scale: float | None = None, generator=None, unet=None) -> torch.Tensor:
-        """texts -> images (B, 3, H, W) in [-1, 1]. scheduler: a sampler object or name; it, the steps and the
-        guidance default to the config's sample section. Pass the EMA UNet as `unet` to sample with it."""
+    def generate_images(self, texts: list[str], seeds: list[int], steps: int | None = None,
+                        guidance_scale: float | None = None, scheduler: str | None = None,
+                        negative_prompt: str | list[str] = "", batch_size: int | None = None) -> torch.Tensor:
+        """The text-to-image path: texts -> images (N, 3, H, W) in [-1, 1], float32 on the CPU.
+
+        Image i depends only on texts[i], seeds[i] and negative_prompt[i]: its noise comes from its own generator,
+        so it is the same alone, in any batch and at any batch_size (None: all at once). negative_prompt: the text
+        of classifier-free guidance's unconditional branch, one for all or one per text; "" keeps the null
+        condition of training. scheduler (a name), steps and guidance_scale: None takes the config's sample
+        section, the one place these defaults live."""
+        assert len(seeds) == len(texts), "one seed per text"
+        negatives = [negative_prompt] * len(texts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        assert len(negatives) == len(texts), "one negative prompt per text"
         sample = self.config.sample
-        if scheduler is None or isinstance(scheduler, str):
-            scheduler = self.sampler(scheduler)
-        num_inference_steps = num_inference_steps or sample.steps
+        steps = steps or sample.steps
         guidance_scale = sample.guidance_scale if guidance_scale is None else guidance_scale
+        batch_size = batch_size or max(len(texts), 1)
+        images = []
+        for start in range(0, len(texts), batch_size):
+            rows = slice(start, start + batch_size)
+            images.append(self._generate_batch(texts[rows], seeds[rows], negatives[rows], self.sampler(scheduler),
+                                               steps, guidance_scale).float().cpu())
+        side = self.config.model.image_size
+        return torch.cat(images) if images else torch.zeros(0, 3, side, side)
+
+    def _generate_batch(self, texts, seeds, negatives, scheduler, steps, guidance_scale) -> torch.Tensor:
+        device = self.logit_scale.device
+        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
         tokens = self.tokenize(texts)
         states, pooled = self.text_condition(tokens["input_ids"], tokens["attention_mask"])
-        latents = self.diffusion.sample(states, tokens["attention_mask"], self.latent_shape, scheduler,
-                                        num_inference_steps, guidance_scale, generator, unet, pooled)
+        uncond = None
+        if any(negatives) and guidance_scale != 1.0:
+            negative = self.tokenize(negatives)
+            uncond_states, uncond_pooled = self.text_condition(negative["input_ids"], negative["attention_mask"])
+            # rows without a negative prompt keep the null condition: zero states with their prompt's mask
+            has = torch.tensor([bool(n) for n in negatives], device=device)
+            uncond = (uncond_states * has[:, None, None].to(states.dtype),
+                      torch.where(has[:, None], negative["attention_mask"], tokens["attention_mask"]),
+                      None if pooled is None else uncond_pooled * has[:, None].to(pooled.dtype))
+        latents = self.diffusion.sample(states, tokens["attention_mask"], self.latent_shape, scheduler, steps,
+                                        guidance_scale, generators, pooled, uncond)
         return self.decode_latents(latents).clamp(-1, 1)

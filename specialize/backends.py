@@ -76,8 +76,9 @@ class Backend:
         """B texts -> (B, E)."""
         raise NotImplementedError
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
-        """One image per (prompt, seed) pair, both lists of length B -> (B, 3, H, W)."""
+    def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None,
+                 guidance_scale: float | None = None) -> torch.Tensor:
+        """One image per (prompt, seed) pair, both lists of length B -> (B, 3, H, W); None: the model's defaults."""
         raise NotImplementedError
 
     def caption(self, images: torch.Tensor) -> list[str] | None:
@@ -126,7 +127,8 @@ class DuetBackend(Backend):
         self.tokenizer = model.tokenizer
         self.device = model.logit_scale.device
         self.image_size = model.config.model.image_size
-        self.scheduler = model.sampler(scheduler)   # None: the checkpoint's sample.scheduler
+        model.sampler(scheduler)                     # an unknown name fails here, before any work
+        self.scheduler = scheduler                   # None: the checkpoint's sample.scheduler
         self.logit_scale = float(model.logit_scale.detach().exp().clamp(max=100))
 
     @torch.no_grad()
@@ -138,11 +140,8 @@ class DuetBackend(Backend):
         tokens = self.model.tokenize(list(texts))
         return self.model.encode_text(tokens["input_ids"], tokens["attention_mask"])
 
-    @torch.no_grad()
-    def generate(self, prompts, seeds, steps, guidance):
-        assert len(prompts) == len(seeds)
-        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        return self.model.generate_images(list(prompts), self.scheduler, steps, guidance, generator=generators)
+    def generate(self, prompts, seeds, steps=None, guidance_scale=None):
+        return self.model.generate_images(list(prompts), list(seeds), steps, guidance_scale, self.scheduler)
 
     @torch.no_grad()
     def caption(self, images):
@@ -164,8 +163,10 @@ class DuetBackend(Backend):
     def identity(self):
         if self.checkpoint is None:
             return "in-memory-" + weights_checksum(self.modules())[:16]
-        return files_identity([self.checkpoint / "model.safetensors",
-                               *sorted((self.checkpoint / "text_encoder").glob("*.safetensors"))])
+        from models.checkpoint import TEXT_ENCODER_DIR, WEIGHTS_FILE
+
+        return files_identity([self.checkpoint / WEIGHTS_FILE,
+                               *sorted((self.checkpoint / TEXT_ENCODER_DIR).glob("*.safetensors"))])
 
     def modules(self):
         return {"duet": self.model}
@@ -174,16 +175,34 @@ class DuetBackend(Backend):
 def load_duet_backend(checkpoint: str | Path | None, device: torch.device,
                       scheduler: str | None = None) -> DuetBackend:
     """Loads a Duet checkpoint (default: the newest under outputs/); it must hold a trained text-to-image model."""
-    from models.checkpoint import find_latest_checkpoint, load_checkpoint, read_config
+    from models.checkpoint import UNET_DIR, find_latest_checkpoint, load_checkpoint, read_config
 
     folder = Path(checkpoint) if checkpoint else find_latest_checkpoint("outputs")
     if not folder.is_dir():
         raise UserError(f"checkpoint {folder} does not exist; pass --checkpoint with a folder written by main.py")
     cfg = read_config(folder)
-    if not (folder / "unet").is_dir() or cfg.train.diffusion_weight <= 0:
+    if not (folder / UNET_DIR).is_dir() or cfg.train.diffusion_weight <= 0:
         raise UserError(f"checkpoint {folder} has no trained text-to-image model (no unet/ or "
                         "train.diffusion_weight=0); train one with train.diffusion_weight > 0")
     return DuetBackend(load_checkpoint(folder, device=device, use_ema=True), folder, scheduler)
+
+
+@torch.no_grad()
+def sd_generate(pipe, prompts: list[str], seeds: list[int], steps: int | None = None,
+                guidance_scale: float | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """A Stable Diffusion pipeline's images (N, 3, H, W) in [-1, 1], float32 on the CPU: image i from seeds[i] alone
+    (a CPU generator each: the same on any device), batch_size prompts per call; None steps and guidance take
+    SampleConfig's defaults, as a Duet checkpoint without its own would."""
+    assert len(prompts) == len(seeds), "one seed per prompt"
+    defaults, batch_size = SampleConfig(), batch_size or max(len(prompts), 1)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        rows = slice(start, start + batch_size)
+        out = pipe(prompt=list(prompts[rows]), num_inference_steps=steps or defaults.steps,
+                   guidance_scale=defaults.guidance_scale if guidance_scale is None else guidance_scale,
+                   generator=[torch.Generator().manual_seed(int(s)) for s in seeds[rows]], output_type="pt")
+        images.append(out.images.float().cpu() * 2 - 1)                     # [0, 1] -> [-1, 1]
+    return torch.cat(images)
 
 
 def load_sd_pipeline(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -279,18 +298,8 @@ class StableDiffusionBackend(Backend):
         tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
         return self.encode_token_ids(tokens["input_ids"], tokens["attention_mask"])
 
-    @torch.no_grad()
-    def generate(self, prompts, seeds, steps, guidance):
-        assert len(prompts) == len(seeds)
-        images = []
-        for start in range(0, len(prompts), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[chunk]]  # CPU RNG: same on any device
-            out = self.pipe(prompt=list(prompts[chunk]), num_inference_steps=steps or SampleConfig.steps,
-                            guidance_scale=SampleConfig.guidance_scale if guidance is None else guidance,
-                            generator=generators, output_type="pt")
-            images.append(out.images.float() * 2 - 1)    # (b, 3, H, W) in [0, 1] -> [-1, 1]
-        return torch.cat(images)
+    def generate(self, prompts, seeds, steps=None, guidance_scale=None):
+        return sd_generate(self.pipe, prompts, seeds, steps, guidance_scale, self.batch_size)
 
     @property
     def token_embedding(self):

@@ -19,7 +19,7 @@ import torch
 
 from configs.errors import UserError
 from specialize.launcher import OUT_SUBDIRS
-from specialize.finetune import add_shared_argument, default_base_checkpoint
+from specialize.finetune import default_base_checkpoint
 
 GEN_BATCH = 25  # images per generation call; seeds are per image, so results do not depend on it
 
@@ -35,7 +35,7 @@ class DomainPrompt:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of --mode compare (--sample-steps, --guidance and --scheduler are shared with --mode prompt)."""
+    """The flags of --mode compare (the launcher owns --steps, --guidance-scale and --scheduler)."""
     g = parser.add_argument_group("base vs tuned (--mode compare)")
     g.add_argument("--lora", help="LoRA adapter folder (default: <out>/finetune when it holds one)")
     g.add_argument("--lora-scale", type=float, default=1.0, help="adapter weight for the LoRA arm")
@@ -48,11 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-prompts", type=int, default=50, help="prompts from the val captions (non-fashion data)")
     g.add_argument("--fd-real-images", type=int, default=500, help="real val images for the Fréchet distance")
     g.add_argument("--grid-rows", type=int, default=10, help="prompts shown in compare_grid.png")
-    add_shared_argument(parser, "--sample-steps", type=int, default=20, help="denoising steps per image")
-    add_shared_argument(parser, "--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (default: the checkpoint's sample.guidance_scale)")
-    add_shared_argument(parser, "--scheduler", default=None,
-                        help="sampler: ddim | dpm++ | euler | ddpm (default: the checkpoint's sample.scheduler)")
 
 
 # --- what is compared ------------------------------------------------------------------------------------------
@@ -246,7 +241,7 @@ def generate(tunable, texts: list[str], seeds: list[int], args) -> torch.Tensor:
     images = []
     for start in tqdm(range(0, len(texts), GEN_BATCH), desc="generate", leave=False, file=sys.stderr):
         images.append(tunable.generate(texts[start:start + GEN_BATCH], seeds[start:start + GEN_BATCH],
-                                       args.sample_steps, args.guidance, args.scheduler).float().cpu())
+                                       args.steps, args.guidance_scale, args.scheduler).float().cpu())
     return torch.cat(images)
 
 
@@ -312,15 +307,15 @@ def deltas(arms: dict[str, dict]) -> dict[str, dict]:
 # --- the mode --------------------------------------------------------------------------------------------------
 def run(args) -> dict:
     """--mode compare: generates every arm's images for the same prompts and seeds, scores them, writes the report."""
+    from models.checkpoint import quiet_library_progress
     from models.device import resolve_device
     from specialize.compare_report import write_grid, write_markdown
     from specialize.prompt_report import write_json
     from specialize.targets import load_targets
-    from specialize.tunable import quiet_library_progress
 
     quiet_library_progress()
     for flag, value in (("--images-per-prompt", args.images_per_prompt), ("--tints-per-class", args.tints_per_class),
-                        ("--num-prompts", args.num_prompts), ("--sample-steps", args.sample_steps)):
+                        ("--num-prompts", args.num_prompts)):
         if value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
     if getattr(args, "threads", 0):
@@ -366,9 +361,9 @@ def run(args) -> dict:
     report = {
         "backend": base_tunable.name, "base": base_tunable.source, "dataset": args.dataset,
         "prompts": len(prompts) // args.images_per_prompt, "images_per_prompt": args.images_per_prompt,
-        "sample_steps": args.sample_steps, "seed": args.seed,
-        "guidance": "checkpoint default" if args.guidance is None else args.guidance,
-        "scheduler": args.scheduler or "checkpoint default",
+        "steps": args.steps or base_tunable.sample.steps, "seed": args.seed,
+        "guidance_scale": base_tunable.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        "scheduler": args.scheduler or base_tunable.sample.scheduler,
         "judge": None if judge is None else type(judge).__name__,
         "fd_label": None if judge is None else judge.label, "fd_real_images": len(real_images),
         "classifier_test_accuracy": getattr(classifier, "test_accuracy", None),

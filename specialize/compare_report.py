@@ -1,14 +1,14 @@
 """The validator's human-readable outputs: a Markdown table of metrics and deltas, and a side-by-side PNG grid."""
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from specialize.prompt_report import to_pil
+from common.files import atomic_write, atomic_write_text
+from specialize.prompt_report import cell_image
 
 CELL = 96            # pixels per image in the grid
 LABEL_W = 150        # the prompt column
@@ -27,7 +27,7 @@ def markdown(report: dict) -> str:
     deltas = report["deltas_vs_base"]
     lines = [f"# Base vs tuned on {report['dataset']} ({report['backend']} backend)", "",
              f"Base: `{report['base']}`. {report['prompts']} prompts x {report['images_per_prompt']} seeds, the same "
-             f"for every arm; {report['sample_steps']} {report['scheduler']} steps, guidance {report['guidance']}.", "",
+             f"for every arm; {report['steps']} {report['scheduler']} steps, guidance {report['guidance_scale']}.", "",
              "| arm | class accuracy | delta | image-text score | delta | Fréchet distance | delta "
              "| round-trip ceiling |",
              "|---|---|---|---|---|---|---|---|"]
@@ -61,11 +61,7 @@ def markdown(report: dict) -> str:
 
 
 def write_markdown(report: dict, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(markdown(report))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, markdown(report))
 
 
 def grid_rows(prompts: list, rows: int, images_per_prompt: int) -> list[int]:
@@ -102,15 +98,11 @@ def write_grid(images: dict[str, torch.Tensor], prompts: list, arms: dict, path:
             draw.text((4, top + line_no * 11), line, fill="black", font=font)
         for col, name in enumerate(names):
             left = LABEL_W + 4 + col * (CELL + 4)
-            sheet.paste(to_pil(images[name][i], CELL), (left, top))
+            sheet.paste(cell_image(images[name][i], CELL), (left, top))
             predicted = arms[name]["metrics"].get("predicted")
             if predicted is not None and prompts[i].label is not None:
                 guess = predicted[i]
                 colour = (0, 140, 0) if guess == prompts[i].label else (200, 0, 0)
                 name = FASHION_CLASSES[guess] if guess < len(FASHION_CLASSES) else str(guess)
                 draw.text((left, top + CELL + 1), name, fill=colour, font=font)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + f".tmp-{os.getpid()}" + path.suffix)
-    sheet.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, sheet.save)

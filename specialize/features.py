@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from common.files import atomic_write
 from specialize.attribute_tables import AttributeTable, tables_hash
 
 logger = logging.getLogger(__name__)
@@ -60,12 +60,9 @@ class TextEmbeddingCache:
         """Writes the cache if this run embedded new texts (atomically: a reader never sees half a file)."""
         if self.path is None or not self.new_texts:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         texts = list(self.memory)
-        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
-        save_file({"embeds": torch.stack([self.memory[t] for t in texts]).contiguous()}, tmp,
-                  metadata={"texts": json.dumps(texts)})
-        os.replace(tmp, self.path)
+        embeds = torch.stack([self.memory[t] for t in texts]).contiguous()
+        atomic_write(self.path, lambda tmp: save_file({"embeds": embeds}, tmp, metadata={"texts": json.dumps(texts)}))
         self.new_texts = 0
 
 

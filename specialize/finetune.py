@@ -8,7 +8,6 @@ merged/ (LoRA with --merge), finetune_report.json, and resumable checkpoint-N/ f
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -22,7 +21,9 @@ from configs.errors import UserError
 from specialize.launcher import OUT_SUBDIRS
 from models.lora import UNET_TARGET_MODULES
 
-TRAINABLE_FILE, STATE_FILE, SETTINGS_FILE = "trainable.safetensors", "trainer_state.pt", "settings.json"
+# A fine-tuning checkpoint holds what trains, not the frozen base: the trainable weights, the trainer state
+# (models.checkpoint's file) and the settings a resume must share.
+TRAINABLE_FILE, SETTINGS_FILE = "trainable.safetensors", "settings.json"
 REPORT_FILE = "finetune_report.json"
 KEEP_CHECKPOINTS = 2
 MAX_BAD_STEPS = 5         # consecutive NaN/Inf losses before giving up
@@ -90,16 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="bf16 autocast on CUDA only (on CPU low precision is far slower); auto: bf16 on CUDA")
     g.add_argument("--limit-train", type=int, default=d.limit_train, help="first N training images (0: all)")
     g.add_argument("--num-workers", type=int, default=d.num_workers, help="DataLoader worker processes")
-    add_shared_argument(parser, "--threads", type=int, default=0,
-                        help="torch intra-op threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
-
-
-def add_shared_argument(parser: argparse.ArgumentParser, *flags, **kwargs) -> None:
-    """Adds a flag that several modes read, unless another mode's add_arguments added it already."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass  # registered by another mode; the value is shared
 
 
 def settings_from_args(args) -> FinetuneSettings:
@@ -144,14 +135,14 @@ def build_train_set(tunable, args, settings: FinetuneSettings):
     """The domain's training split, tokenised for the tunable's text model at its image size."""
     from configs.schema import DuetConfig
     from data.datasets import build_split
-    from specialize.targets import resolve_dataset_folder
+    from data.datasets import domain_folder
 
     cfg = DuetConfig()  # data defaults, not the base model's training data
     cfg.data.dataset, cfg.data.root, cfg.data.limit_train = args.dataset, args.data_root, settings.limit_train
     cfg.model.image_size, cfg.model.max_caption_len = tunable.image_size, tunable.max_caption_len
     cfg.train.seed, cfg.train.num_workers = settings.seed, settings.num_workers
     # The folder the other modes use too: an existing fashion set is never regenerated with other counts.
-    folder = resolve_dataset_folder(args.dataset, args.data_root)
+    folder = domain_folder(args.dataset, args.data_root)
     name = "fashion" if args.dataset == "fashion" else str(folder)
     # One caption per image per epoch: an epoch is then one pass over the images.
     train = build_split(cfg, name, folder, cfg.data.train_split, tunable.tokenizer, settings.limit_train, "random")
@@ -161,11 +152,16 @@ def build_train_set(tunable, args, settings: FinetuneSettings):
 
 
 class FineTuner:
-    """Owns the trainable parameters, optimizer, schedule, data order and checkpoints of one fine-tuning run."""
+    """What fine-tuning trains (which parameters, LoRA or full) and exports (the adapter or the model); the loop runs
+    on training/'s mechanisms: precision, the optimizer step, the non-finite guard, data order and resume state."""
 
     def __init__(self, tunable, train_set, settings: FinetuneSettings, out_dir: Path, device: torch.device,
                  dataset: str = ""):
+        from tqdm import tqdm
+
         from models.lora import add_lora, conv_target_modules, text_target_modules
+        from training.guard import NonFiniteGuard
+        from training.precision import autocast_and_scaler
         from training.state import EpochSampler
 
         self.tunable, self.train_set, self.s, self.out_dir, self.device = tunable, train_set, settings, out_dir, device
@@ -204,18 +200,13 @@ class FineTuner:
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
         self.losses: list[float] = []
-        self.autocast = self._autocast()
+        self.autocast, self.scaler = autocast_and_scaler(settings.mixed_precision, device)
+        self.guard = NonFiniteGuard(MAX_BAD_STEPS, lambda line: tqdm.write(line, file=sys.stderr), out_dir,
+                                    f"lower --lr (now {settings.learning_rate:g}) and resume with --resume latest")
 
     @property
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
-
-    def _autocast(self):
-        """bf16 autocast on CUDA only: on these CPUs low-precision matmul is far slower than fp32. Weights and the
-        optimizer stay fp32; bf16 needs no loss scaler."""
-        if self.device.type != "cuda" or self.s.mixed_precision == "no":
-            return contextlib.nullcontext
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
     def identity(self) -> dict:
         """The settings a checkpoint must share with the run that resumes it."""
@@ -225,23 +216,20 @@ class FineTuner:
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def save(self) -> Path:
-        """checkpoint-<step>/ (trainable weights, optimizer, schedule, RNG, data position), written atomically."""
+        """checkpoint-<step>/ (trainable weights, the loop's state, settings), written atomically; then `latest`."""
         from safetensors.torch import save_file
 
-        from models.checkpoint import replace_dir
-        from training.state import rng_state, rotate_checkpoints, write_latest
+        from common.files import atomic_dir
+        from models.checkpoint import TRAINER_STATE_FILE, checkpoint_name
+        from training.state import commit_checkpoint, loop_state
 
-        folder = self.out_dir / f"checkpoint-{self.step:06d}"
-        tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        save_file({k: p.detach().cpu().contiguous() for k, p in self.params.items()}, tmp / TRAINABLE_FILE)
-        torch.save({"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                    "elapsed": self.elapsed, "losses": self.losses, "optimizer": self.optimizer.state_dict(),
-                    "lr_schedule": self.lr_schedule.state_dict(), "rng": rng_state()}, tmp / STATE_FILE)
-        (tmp / SETTINGS_FILE).write_text(json.dumps(self.identity(), indent=2))
-        replace_dir(tmp, folder)
-        write_latest(self.out_dir, folder)
-        rotate_checkpoints(self.out_dir, KEEP_CHECKPOINTS)
+        def write(tmp: Path) -> None:
+            save_file({k: p.detach().cpu().contiguous() for k, p in self.params.items()}, tmp / TRAINABLE_FILE)
+            torch.save({**loop_state(self), "elapsed": self.elapsed, "losses": self.losses}, tmp / TRAINER_STATE_FILE)
+            (tmp / SETTINGS_FILE).write_text(json.dumps(self.identity(), indent=2))
+
+        folder = atomic_dir(self.out_dir / checkpoint_name(self.step), write)
+        commit_checkpoint(self.out_dir, folder, KEEP_CHECKPOINTS)
         return folder
 
     def restore(self, folder: Path) -> None:
@@ -249,15 +237,16 @@ class FineTuner:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        from training.state import restore_rng_state
+        from models.checkpoint import load_trainer_state
+        from training.state import restore_loop_state
 
         try:
             saved = json.loads((folder / SETTINGS_FILE).read_text())
             weights = load_file(folder / TRAINABLE_FILE)
-            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        except (OSError, json.JSONDecodeError, SafetensorError, RuntimeError, EOFError) as err:
+        except (OSError, json.JSONDecodeError, SafetensorError) as err:
             raise UserError(f"--resume: {folder} is not a complete fine-tuning checkpoint "
                             f"({type(err).__name__}); resume from an earlier one") from None
+        state = load_trainer_state(folder)
         mine = json.loads(json.dumps(self.identity()))
         for key, value in mine.items():
             if saved.get(key) != value:
@@ -268,11 +257,8 @@ class FineTuner:
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(weights[name].to(param.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.elapsed, self.losses = state["elapsed"], list(state["losses"])
-        restore_rng_state(state["rng"])
+        restore_loop_state(self, state)
 
     # --- training ----------------------------------------------------------------------------------------------
     def _done(self) -> bool:
@@ -281,26 +267,23 @@ class FineTuner:
 
     def _batches(self):
         """Batches from the current data position on, epoch after epoch."""
-        from torch.utils.data import DataLoader
-
-        from data.collate import collate_captions
+        from training.state import epoch_loader
 
         while True:
             self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
             self.train_set.set_epoch(self.epoch)
-            # Its own generator: a fresh iterator must not draw from the global RNG, or resume would diverge.
-            loader = DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                                collate_fn=collate_captions, num_workers=self.s.num_workers,
-                                generator=torch.Generator().manual_seed(self.s.seed))
-            yield from loader  # train() counts batch_in_epoch, so a checkpoint never counts a batch twice
+            # train() counts batch_in_epoch, so a checkpoint never counts a batch twice
+            yield from epoch_loader(self.train_set, self.batch_size, self.sampler, self.s.seed, self.s.num_workers)
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
     def train(self) -> None:
         from tqdm import tqdm
 
-        s, bad_steps = self.s, 0
-        total = s.max_steps or None
-        bar = tqdm(total=total, initial=self.step, desc="finetune", dynamic_ncols=True, file=sys.stderr)
+        from data.collate import to_device
+        from training.optim import backward, optimizer_step
+
+        s = self.s
+        bar = tqdm(total=s.max_steps or None, initial=self.step, desc="finetune", dynamic_ncols=True, file=sys.stderr)
         batches = self._batches()
         while not self._done():
             started = time.perf_counter()
@@ -308,23 +291,14 @@ class FineTuner:
             self.batch_in_epoch += 1
             if batch["images"].shape[0] == 0:
                 continue  # every image of the batch was unreadable
-            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self.autocast():
-                loss = self.tunable.loss(batch, train_text=s.train_text_encoder, train_decoder=s.train_decoder)
-            if not torch.isfinite(loss):
-                bad_steps += 1
-                self.optimizer.zero_grad(set_to_none=True)
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise UserError(f"the loss was NaN/Inf {bad_steps} steps in a row; lower --lr "
-                                    f"(now {s.learning_rate:g}) and resume from the last checkpoint")
+                loss = self.tunable.loss(to_device(batch, self.device), train_text=s.train_text_encoder,
+                                         train_decoder=s.train_decoder)
+            stepped = (backward(loss, self.optimizer, self.scaler)
+                       and optimizer_step(self.optimizer, self.lr_schedule, self.params.values(), s.max_grad_norm,
+                                          self.scaler))
+            if not self.guard.check(stepped, self.step):
                 continue
-            bad_steps = 0
-            loss.backward()
-            if s.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(self.params.values(), s.max_grad_norm)
-            self.optimizer.step()
-            self.lr_schedule.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.losses.append(round(float(loss.detach()), 5))
             self.elapsed += time.perf_counter() - started
@@ -370,8 +344,9 @@ def _mean(values: list[float]) -> float | None:
 
 def run(args) -> dict:
     """--mode finetune: loads the base and the domain data, trains, writes <out>/finetune/; returns the report."""
+    from models.checkpoint import quiet_library_progress
     from models.device import resolve_device
-    from specialize.tunable import load_tunable, quiet_library_progress
+    from specialize.tunable import load_tunable
     from training.state import resolve_resume
 
     quiet_library_progress()

@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (0: torch's default; 1 is fastest on a busy 2-core machine)")
+    g = parser.add_argument_group("sampling (--mode prompt and compare); default: the checkpoint's sample section")
+    g.add_argument("--steps", type=int, help="denoising steps per image")
+    g.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    g.add_argument("--scheduler", help="ddim | dpm++ | euler | ddpm (--backend sd: the pipeline's own unless named)")
+    g.add_argument("--sample-steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the spellings before
+    g.add_argument("--guidance", dest="guidance_scale", type=float, help=argparse.SUPPRESS)
     for mode in MODES:
         module = mode_module(mode, required=False)
         if module is not None and hasattr(module, "add_arguments"):
@@ -89,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        if args.steps is not None and args.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {args.steps}")
         refuse_out_in_dataset(args)
         modes = MODES if args.mode == "all" else (args.mode,)
         refuse_earlier_results(args, modes)

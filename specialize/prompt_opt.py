@@ -40,8 +40,8 @@ class PromptOptSettings:
     style: PromptStyle = field(default_factory=PromptStyle)
     num_images: int = 2            # images per prompt (selection seeds)
     heldout_images: int = 2        # images per prompt on the held-out seeds; 0 skips the held-out check
-    sample_steps: int = 20
-    guidance: float | None = None         # None: the generator's default (a Duet checkpoint's sample section)
+    steps: int | None = None              # None: the generator's default (a Duet checkpoint's sample section)
+    guidance_scale: float | None = None
     budget: int = 10               # evaluations (generation rounds) per target, the naive prompt included
     patience: int = 4              # stop after this many evaluations without a gain; 0: never
     min_delta: float = 0.0
@@ -74,10 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-images", type=int, default=d.num_images, help="images generated per prompt")
     g.add_argument("--heldout-images", type=int, default=d.heldout_images,
                    help="images per prompt on fresh seeds to re-score naive vs chosen (0: skip)")
-    g.add_argument("--sample-steps", type=int, default=d.sample_steps, help="denoising steps per image")
-    g.add_argument("--guidance", type=float, default=d.guidance,
-                   help="classifier-free guidance scale (default: the checkpoint's sample.guidance_scale)")
-    g.add_argument("--scheduler", help="Duet sampler: ddim | dpm++ | euler | ddpm (default: the checkpoint's)")
     g.add_argument("--budget", type=int, default=d.budget, help="evaluations per target, naive included")
     g.add_argument("--patience", type=int, default=d.patience, help="early stop after N evaluations without gain")
     g.add_argument("--pez-steps", type=int, default=d.pez_steps, help="PEZ optimisation steps")
@@ -95,7 +91,7 @@ def settings_from_args(args) -> PromptOptSettings:
     if unknown:
         raise UserError(f"unknown strategy '{unknown[0]}' in --strategies; choose from {', '.join(STRATEGIES)}")
     for flag, value, low in (("--num-images", args.num_images, 1), ("--budget", args.budget, 1),
-                             ("--sample-steps", args.sample_steps, 1), ("--heldout-images", args.heldout_images, 0),
+                             ("--heldout-images", args.heldout_images, 0),
                              ("--patience", args.patience, 0), ("--pez-steps", args.pez_steps, 0),
                              ("--pez-tokens", args.pez_tokens, 0), ("--num-targets", args.num_targets, 0)):
         if value < low:
@@ -105,8 +101,8 @@ def settings_from_args(args) -> PromptOptSettings:
     style = PromptStyle(type_group=args.type_group, prefix=args.prompt_prefix.strip(), confidence=args.confidence)
     return PromptOptSettings(
         strategies=(NAIVE_STRATEGY, *(s for s in names if s != NAIVE_STRATEGY)), style=style,
-        num_images=args.num_images, heldout_images=args.heldout_images, sample_steps=args.sample_steps,
-        guidance=args.guidance, budget=args.budget, patience=args.patience, pez_steps=args.pez_steps,
+        num_images=args.num_images, heldout_images=args.heldout_images, steps=args.steps,
+        guidance_scale=args.guidance_scale, budget=args.budget, patience=args.patience, pez_steps=args.pez_steps,
         pez_tokens=args.pez_tokens, classifier_weight=0.0 if args.no_classifier else args.classifier_weight,
         seed=args.seed)
 
@@ -121,7 +117,7 @@ class PromptScorer:
     def __call__(self, target: Target, target_embed: torch.Tensor, prompt: str, heldout: bool = False) -> Score:
         s = self.settings
         seeds = s.seeds(heldout)
-        images = self.backend.generate([prompt] * len(seeds), seeds, s.sample_steps, s.guidance)   # (N, 3, H, W)
+        images = self.backend.generate([prompt] * len(seeds), seeds, s.steps, s.guidance_scale)   # (N, 3, H, W)
         self.images[(prompt, heldout)] = images[:1].cpu()
         similarity = float((self.backend.encode_images(images).float().cpu() @ target_embed).mean())
         agreement = self.classifier.agreement(images, target) if self.classifier is not None else None

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 from pathlib import Path
 from statistics import mean
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from common.files import atomic_write_text
+from common.images import to_pil
 
 CELL = 112           # pixels per image in the contact sheet
 CAPTION_LINES = 3    # prompt text lines under each image
@@ -20,10 +20,7 @@ SHEET_ROWS = 8       # targets per column block
 
 def write_json(path: Path, tree: dict) -> None:
     """Atomic JSON write: a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(tree, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(tree, indent=2))
 
 
 def _mean(values: list) -> float | None:
@@ -90,10 +87,9 @@ def _compare(opt_sim, naive_sim, opt_agree, naive_agree) -> dict:
     return out
 
 
-def to_pil(image: torch.Tensor, size: int = CELL) -> Image.Image:
+def cell_image(image: torch.Tensor, size: int = CELL) -> Image.Image:
     """(3, H, W) in [-1, 1] -> RGB PIL image of size x size (nearest: keeps small images' pixels visible)."""
-    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())).resize((size, size), Image.NEAREST)
+    return to_pil(image[None])[0].resize((size, size), Image.NEAREST)
 
 
 def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str, str, str]], path: Path) -> Path:
@@ -113,7 +109,7 @@ def contact_sheet(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str
             left = block * block_w + 4 + col * (CELL + 4)
             if r % SHEET_ROWS == 0:
                 draw.text((left, 1), title, fill="black", font=font)
-            sheet.paste(to_pil(image), (left, top))
+            sheet.paste(cell_image(image), (left, top))
             for i, line in enumerate(textwrap.wrap(text, chars)[:CAPTION_LINES]):
                 draw.text((left, top + CELL + 2 + i * line_h), line, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from common.images import IMAGE_SUFFIXES, from_uint8
 from configs.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 LABEL_KEYS = ("label", "label_name", "tint")  # what data/fashion.py stores per image; the classifier reads them
 
 
@@ -23,24 +22,6 @@ class Target:
     labels: dict = field(default_factory=dict)
 
 
-def resolve_dataset_folder(dataset: str, data_root: str | Path) -> Path:
-    """'fashion' -> <data_root>/fashion (generated with the training defaults if absent); anything else is a path."""
-    if dataset == "fashion":
-        from configs.schema import DataConfig
-        from data.fashion import complete_fashion_sets, ensure_fashion
-
-        sets = complete_fashion_sets(data_root)
-        if sets:
-            return sets[0]  # the newest set already written (a training run may have asked for other counts)
-
-        d = DataConfig()
-        return ensure_fashion(data_root, d.fashion_train_images, d.fashion_val_images, d.fashion_tints)
-    folder = Path(dataset)
-    if not folder.is_dir():
-        raise UserError(f"--dataset {dataset} is neither 'fashion' nor an existing folder")
-    return folder
-
-
 def _read(path: Path, size: int) -> torch.Tensor | None:
     from data.transforms import IMAGE_ERRORS, read_image
 
@@ -48,7 +29,7 @@ def _read(path: Path, size: int) -> torch.Tensor | None:
         pixels = read_image(path, size)                                     # (size, size, 3) uint8
     except IMAGE_ERRORS:
         return None
-    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 127.5 - 1
+    return from_uint8(pixels)
 
 
 def _coco_entries(folder: Path, split: str) -> tuple[list[dict], dict[int, list[str]], Path] | None:
@@ -67,7 +48,9 @@ def _coco_entries(folder: Path, split: str) -> tuple[list[dict], dict[int, list[
 def find_targets(dataset: str, data_root: str | Path, split: str) -> list[tuple[str, Path, list[str], dict]]:
     """(image id, path, captions, labels) of every image a split lists, or of every image file in a plain
     folder; cheap (nothing decoded), so bad input fails before a model is loaded. None found is a UserError."""
-    folder = resolve_dataset_folder(dataset, data_root)
+    from data.datasets import domain_folder
+
+    folder = domain_folder(dataset, data_root)
     coco = _coco_entries(folder, split)
     if coco is not None:
         entries, captions, image_dir = coco

@@ -6,7 +6,6 @@ from fixed seeds, and a way to write the whole (merged or fully tuned) model in 
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -44,9 +43,11 @@ class Tunable:
         (Duet only) plus the image decoder's reconstruction MSE on the frozen encoder's latents."""
         raise NotImplementedError
 
-    def generate(self, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-                 scheduler: str | None = None) -> torch.Tensor:
-        """One image per (prompt, seed) -> (B, 3, H, W) in [-1, 1]."""
+    sample = SampleConfig()          # the sampling defaults generate() falls back on
+
+    def generate(self, prompts: list[str], seeds: list[int], steps: int | None = None,
+                 guidance_scale: float | None = None, scheduler: str | None = None) -> torch.Tensor:
+        """One image per (prompt, seed) -> (B, 3, H, W) in [-1, 1]; None: self.sample's defaults."""
         raise NotImplementedError
 
     def save_model(self, folder: Path) -> Path:
@@ -73,6 +74,7 @@ class DuetTunable(Tunable):
         self.tokenizer = model.tokenizer
         self.image_size = model.config.model.image_size
         self.max_caption_len = model.config.model.max_caption_len
+        self.sample = model.config.sample
         self.source = str(source)
         self.device = model.logit_scale.device
         # The image encoder is frozen and images are not augmented, so an image's latent never changes; nor do a
@@ -119,10 +121,8 @@ class DuetTunable(Tunable):
             loss = loss + F.mse_loss(self.model.decode_latents(latents), images)
         return loss
 
-    @torch.no_grad()
-    def generate(self, prompts, seeds, steps, guidance, scheduler=None):
-        generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
-        return self.model.generate_images(list(prompts), scheduler, steps, guidance, generator=generators)
+    def generate(self, prompts, seeds, steps=None, guidance_scale=None, scheduler=None):
+        return self.model.generate_images(list(prompts), list(seeds), steps, guidance_scale, scheduler)
 
     def save_model(self, folder):
         from models.checkpoint import save_checkpoint
@@ -145,6 +145,7 @@ class StableDiffusionTunable(Tunable):
         self.tokenizer = pipe.tokenizer
         self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.max_caption_len = pipe.tokenizer.model_max_length
+        self.sample = SampleConfig(scheduler=type(pipe.scheduler).__name__)  # the pipeline samples its own way
         self.source = str(source)
         self.device = pipe.unet.device
 
@@ -168,37 +169,19 @@ class StableDiffusionTunable(Tunable):
         pred = self.unet(noisy, timesteps, encoder_hidden_states=states, return_dict=False)[0]
         return F.mse_loss(pred.float(), target.float())
 
-    @torch.no_grad()
-    def generate(self, prompts, seeds, steps, guidance, scheduler=None):
+    def generate(self, prompts, seeds, steps=None, guidance_scale=None, scheduler=None):
         from models.diffusion import sampling_scheduler
+        from specialize.backends import sd_generate
 
         # The pipeline's own sampler unless one is named; same seeds -> same images for base and tuned.
         if scheduler:
             self.pipe.scheduler = sampling_scheduler(scheduler, self.noise_scheduler)
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU RNG: the same on any device
-        out = self.pipe(prompt=list(prompts), num_inference_steps=steps or SampleConfig.steps,
-                        guidance_scale=SampleConfig.guidance_scale if guidance is None else guidance,
-                        generator=generators, output_type="pt")
-        return out.images.float() * 2 - 1                                         # [0, 1] -> [-1, 1]
+        return sd_generate(self.pipe, prompts, seeds, steps, guidance_scale)
 
     def save_model(self, folder):
-        from models.checkpoint import replace_dir
+        from common.files import atomic_dir
 
-        folder = Path(folder)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.pipe.save_pretrained(tmp, safe_serialization=True)
-        replace_dir(tmp, folder)
-        return folder
-
-
-def quiet_library_progress() -> None:
-    """Turns off transformers' and diffusers' per-file load/save bars: our own bar and one-line errors stay readable."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
+        return atomic_dir(folder, lambda tmp: self.pipe.save_pretrained(tmp, safe_serialization=True))
 
 
 def load_tunable(args, device: torch.device) -> Tunable:

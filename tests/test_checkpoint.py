@@ -16,7 +16,6 @@ from configs.loading import load_config
 from models import checkpoint as checkpoint_module
 from models.checkpoint import (find_latest_checkpoint, load_checkpoint, load_trainer_state, read_config,
                                save_checkpoint)
-from models.diffusion import sampling_scheduler
 from models.duet import DuetModel
 
 CAPTIONS = ["a red circle on the left", "a blue square at the top", "a small green triangle"]
@@ -45,7 +44,6 @@ def batch_for(model: DuetModel) -> dict:
 def outputs(model: DuetModel) -> dict:
     """Everything a user gets from a model, computed deterministically."""
     batch = batch_for(model)
-    ddim = sampling_scheduler("ddim", model.diffusion.noise_scheduler)
     with torch.no_grad():
         torch.manual_seed(3)
         losses = model(batch)
@@ -53,8 +51,7 @@ def outputs(model: DuetModel) -> dict:
             "image_embeds": model.encode_image(batch["images"]),
             "text_embeds": model.encode_text(batch["input_ids"], batch["attention_mask"]),
             "captions": model.caption(batch["images"]),
-            "generated": model.generate_images(CAPTIONS[:2], ddim, num_inference_steps=2,
-                                               generator=torch.Generator().manual_seed(5)),
+            "generated": model.generate_images(CAPTIONS[:2], [5, 6], steps=2, scheduler="ddim"),
             "loss": losses["loss"],
         }
 

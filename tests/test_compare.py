@@ -39,7 +39,7 @@ def setup(tmp_path_factory, tiny_bert) -> dict:
 def test_compare_writes_a_complete_report(setup):
     tmp = setup["tmp"]
     assert main(["--mode", "compare", "--data-root", str(setup["data"]), "--out", str(tmp / "run"),
-                 "--tuned", str(tmp / "full" / "finetune" / "model"), "--sample-steps", "2", "--tints-per-class", "1",
+                 "--tuned", str(tmp / "full" / "finetune" / "model"), "--steps", "2", "--tints-per-class", "1",
                  "--images-per-prompt", "2", "--fd-real-images", "8", "--grid-rows", "4", "--device", "cpu"]) == 0
     out = tmp / "run" / "compare"
     report = json.loads((out / "compare.json").read_text())

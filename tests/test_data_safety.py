@@ -71,7 +71,7 @@ def tokenizer(tiny_bert):
 
 
 def run_args(tiny_bert, root: Path, dataset: str, out_dir: Path, *settings: str) -> list[str]:
-    return ["--config", "tiny", "--dataset", dataset, "--out-dir", str(out_dir), "--set",
+    return ["--config", "tiny", "--dataset", dataset, "--out", str(out_dir), "--set",
             f"model.text_encoder={tiny_bert}", f"data.root={root}", *settings]
 
 

@@ -1,7 +1,7 @@
 """`torchrun --nproc_per_node 2` on CPU (gloo): rank 0 alone writes, and the two replicas end identical.
 
 Run as a script (by torchrun, from the test), this file is the worker: it calls main.main() after wrapping
-Trainer.fit so that each rank dumps its final weights, and gives each rank its own --out-dir so that anything
+Trainer.fit so that each rank dumps its final weights, and gives each rank its own --out so that anything
 rank 1 writes would show.
 """
 import json
@@ -63,7 +63,7 @@ def test_two_process_run_on_cpu(tiny_bert, tmp_path):
 
 
 def _worker() -> int:
-    """One torchrun rank: main.main with this rank's --out-dir, then its final weights to $DUET_TEST_STATE_DIR."""
+    """One torchrun rank: main.main with this rank's --out, then its final weights to $DUET_TEST_STATE_DIR."""
     sys.path.insert(0, str(REPO))
     from safetensors.torch import save_file
 
@@ -80,7 +80,7 @@ def _worker() -> int:
 
     loop.Trainer.fit = fit_and_dump
     out_base, argv = sys.argv[1], sys.argv[2:]
-    return main.main(argv + ["--out-dir", f"{out_base}/rank{os.environ['RANK']}"])
+    return main.main(argv + ["--out", f"{out_base}/rank{os.environ['RANK']}"])
 
 
 if __name__ == "__main__":

@@ -179,6 +179,17 @@ def test_resume_with_other_settings_is_refused(base_checkpoint, caption_set, tmp
     assert len(err) == 1 and err[0].startswith("error: --resume") and "rank" in err[0]
 
 
+def test_nan_losses_stop_the_run_like_training_does(base_checkpoint, caption_set, tmp_path, capsys, monkeypatch):
+    from specialize.tunable import DuetTunable
+
+    monkeypatch.setattr(DuetTunable, "loss", lambda self, batch, train_text, train_decoder=False:
+                        torch.full((), float("nan"), requires_grad=True))
+    assert finetune(tmp_path, base_checkpoint, caption_set, "--max-steps", "10") == 2
+    err = capsys.readouterr().err
+    assert err.count("warning: non-finite loss") == 5
+    assert "error: training diverged" in err and "--lr" in err
+
+
 def test_full_finetuning_changes_the_unet_and_saves_a_loadable_checkpoint(base_checkpoint, caption_set, tmp_path):
     from models.checkpoint import load_checkpoint
 

@@ -7,7 +7,8 @@ from PIL import Image
 
 from configs.errors import UserError
 from configs.loading import load_config
-from inference import ImageTextGenerator, load_image
+from inference import ImageTextGenerator  # the import users were promised
+from pipelines.images import load_image
 from models.caption_search import CaptionOptions, decode_captions, sequence_log_likelihood
 from models.checkpoint import save_checkpoint
 from models.duet import DuetModel
@@ -70,6 +71,23 @@ def test_schedulers_and_guidance_change_the_image(generator, monkeypatch):
     assert np.abs(ddim - dpm).mean() > 0.5 and np.abs(ddim - unguided).mean() > 0.5
     with pytest.raises(UserError, match="unknown scheduler"):
         generator.text_to_image(PROMPTS[0], num_inference_steps=STEPS, scheduler="plms")
+
+
+def test_each_image_depends_only_on_its_own_prompt_seed_and_negative_prompt(generator, monkeypatch):
+    """A server batches unrelated requests together: each image must be what its request gets alone, also with
+    ddpm, whose steps draw fresh noise."""
+    monkeypatch.setattr(generator.model.config.sample, "timestep_spacing", "leading")  # see the test above
+    model, seeds, negatives = generator.model, [5, 9, 2], ["", "a blue square", ""]
+    batch = model.generate_images(PROMPTS, seeds, STEPS, scheduler="ddpm", negative_prompt=negatives)
+    for i in range(len(PROMPTS)):
+        alone = model.generate_images(PROMPTS[i:i + 1], seeds[i:i + 1], STEPS, scheduler="ddpm",
+                                      negative_prompt=negatives[i])
+        torch.testing.assert_close(alone[0], batch[i], atol=2 / 255, rtol=0)  # batched matmuls may round apart
+    plain = model.generate_images(PROMPTS[1:2], seeds[1:2], STEPS, scheduler="ddpm")
+    assert (plain[0] - batch[1]).abs().mean() > 1e-3  # the negative prompt replaced the null condition
+    image = generator.text_to_image(PROMPTS[1], num_inference_steps=STEPS, seed=9, negative_prompt="a blue square")
+    assert np.array_equal(pixels(image), pixels(generator.text_to_image(
+        PROMPTS[1], num_inference_steps=STEPS, seed=9, negative_prompt="a blue square")))
 
 
 def test_save_path_with_several_images(generator, tmp_path):

@@ -67,7 +67,7 @@ def run_cli(capsys, *args):
 def test_t2i_writes_the_image_the_api_draws(workspace, api, capsys, tmp_path):
     out = tmp_path / "sub" / "out.png"
     code, stdout, err = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--mode", "t2i", "--text",
-                                "a red circle", "--output", out, "--steps", 2, "--seed", 5)
+                                "a red circle", "--out", out, "--steps", 2, "--seed", 5)
     assert code == 0 and err == "" and str(out) in stdout
     expected = api.text_to_image("a red circle", num_inference_steps=2, seed=5)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
@@ -86,11 +86,11 @@ def test_t2i_prompt_file_and_num_images(workspace, capsys, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\na green cross\n")
     code, _, _ = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--text", prompts,
-                         "--output", tmp_path / "p.png", "--steps", 1, "--batch-size", 2)
+                         "--out", tmp_path / "p.png", "--steps", 1, "--batch-size", 2)
     assert code == 0
     assert sorted(p.name for p in tmp_path.glob("p_*.png")) == ["p_000.png", "p_001.png", "p_002.png"]
     code, _, _ = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--text", "a red circle",
-                         "--num-images", 2, "--output", tmp_path / "n.png", "--steps", 1, "--guidance-scale", 1.0,
+                         "--num-images", 2, "--out", tmp_path / "n.png", "--steps", 1, "--guidance-scale", 1.0,
                          "--scheduler", "dpm++")
     assert code == 0 and sorted(p.name for p in tmp_path.glob("n*.png")) == ["n_000.png", "n_001.png"]
 
@@ -106,7 +106,7 @@ def test_i2t_single_image_prints_the_api_caption(workspace, api, capsys):
 @pytest.mark.parametrize("suffix", [None, ".csv"])
 def test_i2t_folder_writes_json_or_csv(workspace, api, capsys, tmp_path, monkeypatch, suffix):
     monkeypatch.chdir(tmp_path)
-    extra = ["--output", f"caps{suffix}"] if suffix else []
+    extra = ["--out", f"caps{suffix}"] if suffix else []
     code, _, _ = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--image", workspace["images"], *extra)
     assert code == 0
     if suffix is None:
@@ -120,13 +120,13 @@ def test_i2t_folder_writes_json_or_csv(workspace, api, capsys, tmp_path, monkeyp
 
 def test_both_modes_with_one_load(workspace, capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--mode", "both", "--text",
-                              "a red circle", "--image", workspace["images"] / "b.png", "--output",
+                              "a red circle", "--image", workspace["images"] / "b.png", "--out",
                               tmp_path / "g.png", "--steps", 1)
     assert code == 0 and (tmp_path / "g.png").is_file()
     assert len(stdout.strip().splitlines()) == 2  # "wrote ..." and the caption
     # Without --image, the generated image is captioned (a round trip).
     code, stdout, _ = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--mode", "both", "--text",
-                              "a blue square", "--output", tmp_path / "r.png", "--steps", 1)
+                              "a blue square", "--out", tmp_path / "r.png", "--steps", 1)
     assert code == 0 and stdout.splitlines()[0] == f"wrote {tmp_path / 'r.png'}"
 
 
@@ -146,7 +146,7 @@ def test_lora_changes_the_image_and_scale_0_is_the_base(workspace, api, capsys, 
     for scale in (1.0, 0.0):
         out = tmp_path / f"lora_{scale}.png"
         code, _, err = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--text", "a red circle", "--steps", 2,
-                               "--seed", 0, "--lora", tmp_path / "lora", "--lora-scale", scale, "--output", out)
+                               "--seed", 0, "--lora", tmp_path / "lora", "--lora-scale", scale, "--out", out)
         assert code == 0, err
         drawn[scale] = np.asarray(Image.open(out), dtype=np.int16)
     base = np.asarray(api.text_to_image("a red circle", num_inference_steps=2, seed=0), dtype=np.int16)
@@ -177,9 +177,9 @@ BAD_INPUTS = {
     "missing image": (lambda w, t: ["--checkpoint", w["checkpoint"], "--image", t / "none.png"], "does not exist"),
     "empty prompt": (lambda w, t: ["--checkpoint", w["checkpoint"], "--text", "  "], "prompt is empty"),
     "steps < 1": (lambda w, t: ["--checkpoint", w["checkpoint"], "--text", "x", "--steps", 0], "steps"),
-    "unwritable output": (lambda w, t: ["--checkpoint", w["checkpoint"], "--text", "x", "--output",
+    "unwritable output": (lambda w, t: ["--checkpoint", w["checkpoint"], "--text", "x", "--out",
                                         blocking_file(t) / "out.png"], "cannot create the output folder"),
-    "wrong output kind": (lambda w, t: ["--checkpoint", w["checkpoint"], "--text", "x", "--output", t / "o.json"],
+    "wrong output kind": (lambda w, t: ["--checkpoint", w["checkpoint"], "--text", "x", "--out", t / "o.json"],
                           "captions file"),
     "missing LoRA": (lambda w, t: ["--checkpoint", w["checkpoint"], "--text", "x", "--lora", t / "none"],
                      "no LoRA adapter"),
@@ -217,7 +217,7 @@ def test_bad_input_is_one_error_line(workspace, capsys, tmp_path, monkeypatch, c
 
 def test_long_prompt_warns_on_stderr_and_still_draws(workspace, capsys, tmp_path):
     code, _, err = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--text", "red circle " * 40,
-                           "--output", tmp_path / "l.png", "--steps", 1)
+                           "--out", tmp_path / "l.png", "--steps", 1)
     assert code == 0 and (tmp_path / "l.png").is_file()
     assert err.startswith("warning: ") and err.count("\n") == 1 and "16" in err
 
@@ -236,7 +236,7 @@ def test_real_process_bad_image_exits_2_with_one_line(workspace, tmp_path):
 def test_generation_report_on_the_embedded_world(workspace, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = test_generation.main(["--checkpoint", str(workspace["checkpoint"]), "--steps", "1", "--min-t2i", "0",
-                                 "--min-i2t", "0", "--num-captions", "3", "--out-dir", str(tmp_path / "samples")])
+                                 "--min-i2t", "0", "--num-captions", "3", "--out", str(tmp_path / "samples")])
     out, err = capsys.readouterr()
     report = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and report["ok"]
@@ -255,7 +255,7 @@ def test_generation_report_on_the_embedded_world(workspace, capsys, tmp_path, mo
 def test_generation_fails_below_the_oracle_thresholds(workspace, capsys, tmp_path):
     """An untrained model draws nothing the oracle reads as its prompt: "ok" must not be printed for it."""
     code = test_generation.main(["--checkpoint", str(workspace["checkpoint"]), "--steps", "1", "--min-t2i", "0.9",
-                                 "--out-dir", str(tmp_path / "samples")])
+                                 "--out", str(tmp_path / "samples")])
     out, err = capsys.readouterr()
     assert code == 1 and not json.loads(out.strip().splitlines()[-1])["ok"]
     problems = [line for line in err.splitlines() if line.startswith("problem:")]
@@ -264,7 +264,7 @@ def test_generation_fails_below_the_oracle_thresholds(workspace, capsys, tmp_pat
 
 def test_generation_without_the_dataset_uses_fixed_prompts(workspace, capsys, tmp_path):
     folder = damaged_checkpoint(workspace, tmp_path, lambda c: c["data"].update(root=str(tmp_path / "absent")))
-    code = test_generation.main(["--checkpoint", str(folder), "--steps", "1", "--out-dir", str(tmp_path / "s")])
+    code = test_generation.main(["--checkpoint", str(folder), "--steps", "1", "--out", str(tmp_path / "s")])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and len(report["t2i"]["paths"]) == 5 and report["i2t"]["captions"] == []
     assert test_generation.main(["--checkpoint", str(tmp_path / "missing")]) == 2
@@ -273,7 +273,7 @@ def test_generation_without_the_dataset_uses_fixed_prompts(workspace, capsys, tm
 def test_cli_never_replaces_a_file_without_overwrite(workspace, capsys, tmp_path):
     out = tmp_path / "gen.png"
     args = ("--checkpoint", workspace["checkpoint"], "--text", "a red circle", "--steps", 1, "--seed", 0,
-            "--output", out)
+            "--out", out)
     assert run_cli(capsys, *args)[0] == 0
     before = out.read_bytes()
     code, _, err = run_cli(capsys, *args, "--seed", 1)
@@ -287,5 +287,5 @@ def test_cli_never_writes_into_the_folder_it_reads(workspace, capsys, tmp_path):
     shutil.copytree(workspace["images"], folder)
     listing = sorted(p.name for p in folder.iterdir())
     code, _, err = run_cli(capsys, "--checkpoint", workspace["checkpoint"], "--image", folder,
-                           "--output", folder / "captions.json")
+                           "--out", folder / "captions.json")
     assert code == 2 and "inside the input folder" in err and sorted(p.name for p in folder.iterdir()) == listing

@@ -8,6 +8,7 @@ import torch
 
 from configs.errors import UserError
 from configs.loading import load_config
+from models.caption_search import CaptionOptions, decode_captions
 from models.diffusion import SCHEDULERS, sampling_scheduler
 from models.duet import DuetModel
 from training.optim import build_optimizer
@@ -242,7 +243,7 @@ def test_reduced_vocabulary_maps_ids_back(model):
     back = decoder.to_token_ids(decoder.to_vocab(encoded))
     assert tokenizer.batch_decode(back, skip_special_tokens=True) == CAPTIONS[:2]
     # greedy decoding only emits vocabulary ids, BOS first
-    greedy = decoder.greedy(model.image_encoder(square_images(16)[:2])["tokens"])
+    greedy, _ = decode_captions(decoder, model.image_encoder(square_images(16)[:2])["tokens"], CaptionOptions())
     assert set(greedy.flatten().tolist()) <= set(ids) and (greedy[:, 0] == tokenizer.cls_token_id).all()
 
 
@@ -255,8 +256,7 @@ def test_sampling_scheduler_names(model):
         assert type(scheduler).__name__ == cls_name
         assert scheduler.config.num_train_timesteps == model.config.train.diffusion_timesteps == 100
         assert scheduler.config.beta_schedule == noise.config.beta_schedule
-        images = model.generate_images(CAPTIONS[:2], scheduler, num_inference_steps=2,
-                                       generator=torch.Generator().manual_seed(0))
+        images = model.generate_images(CAPTIONS[:2], [0, 1], steps=2, scheduler=name.upper())
         assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1 and torch.isfinite(images).all()
     assert sampling_scheduler("dpm++", noise).config.algorithm_type == "dpmsolver++"
     assert set(expected) <= set(SCHEDULERS)

@@ -24,8 +24,8 @@ from specialize.strategies import (ATTRIBUTE_STRATEGIES, STRATEGIES, PromptStyle
 
 TINTS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240)}
 GARMENTS = ("dress", "coat", "bag")
-FAST = ["--num-images", "1", "--heldout-images", "1", "--sample-steps", "2", "--pez-steps", "3", "--budget", "5",
-        "--num-targets", "2", "--guidance", "2.0"]
+FAST = ["--num-images", "1", "--heldout-images", "1", "--steps", "2", "--pez-steps", "3", "--budget", "5",
+        "--num-targets", "2", "--guidance-scale", "2.0"]
 
 
 def write_tables(folder: Path) -> Path:

@@ -17,19 +17,24 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from common.figures import loss_curve_png, sample_sheet_png
+from common.images import to_pil
 from configs.errors import UserError
 from configs.loading import config_to_dict, config_to_json
 from configs.schema import DuetConfig
-from models.checkpoint import load_checkpoint, load_trainer_state, read_config, save_checkpoint
+from data.collate import to_device
+from models.checkpoint import (BEST_CHECKPOINT, CHECKPOINT_PREFIX, CONFIG_FILE, EMA_UNET_DIR, checkpoint_name,
+                               load_checkpoint, load_trainer_state, read_config, save_checkpoint)
 from models.duet import DuetModel
 from models.text_encoder import load_text_backbone
 from training.distributed import (DistributedContext, all_reduce_grads, all_reduce_mean, init_distributed,
                                   shutdown_distributed)
 from training.features import build_frozen_features, diffusion_phase_losses
-from training.figures import loss_curve_png, sample_sheet_png, to_pil
-from training.optim import build_optimizer, warmup_cosine
-from training.state import (CHECKPOINT_PREFIX, EpochSampler, resolve_resume, restore_rng_state, rng_state,
-                            rotate_checkpoints, write_latest)
+from training.guard import NonFiniteGuard
+from training.optim import backward, build_optimizer, optimizer_step, warmup_cosine
+from training.precision import autocast_and_scaler
+from training.state import (EpochSampler, commit_checkpoint, epoch_loader, loop_state, resolve_resume,
+                            restore_loop_state)
 
 BAR_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i")
 LOG_KEYS = BAR_KEYS + ("img_rec", "cap")
@@ -43,10 +48,6 @@ REPLAN_EVERY = 300
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
                      "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite"}
 NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
-
-
-class TrainingDiverged(UserError):
-    """Too many NaN/Inf losses in a row; the last good checkpoint is left as it was."""
 
 
 def _log(ctx: DistributedContext, message: str) -> None:
@@ -73,7 +74,7 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, r
     """<train.out_dir>/<train.run_name or the dataset's safe name>, never in the dataset's folder: a folder
     dataset's path as the run name would otherwise swallow out_dir and write the run into the user's data. A new
     run never replaces an earlier one there unless train.overwrite says so."""
-    from data.datasets import dataset_path, refuse_inside_dataset, safe_dataset_name
+    from data.datasets import dataset_folder, refuse_inside_dataset, safe_dataset_name
 
     out_dir, name = Path(cfg.train.out_dir), cfg.train.run_name
     if name and (Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts):
@@ -81,10 +82,10 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, r
                         "(not absolute, no '..'); or leave it empty to name the run after the dataset")
     run_dir = out_dir / (name or safe_dataset_name(dataset_name))
     # Checked on every rank (no process may go on alone), before anything is created.
-    data = dataset_path(cfg, dataset_name)
-    refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out-dir PATH")
+    data = dataset_folder(cfg, dataset_name, create=False)
+    refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out PATH")
     refuse_inside_dataset(run_dir, data, "the run folder", "choose another train.out_dir or train.run_name")
-    if not resume and not cfg.train.overwrite and (run_dir / "config.json").exists():
+    if not resume and not cfg.train.overwrite and (run_dir / CONFIG_FILE).exists():
         raise UserError(f"{run_dir} holds an earlier run; continue it with --resume latest, replace it with "
                         "--overwrite, or name a new one with --set train.run_name=NAME")
     if ctx.is_main:
@@ -97,20 +98,6 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, r
             raise UserError(f"cannot write to output folder {run_dir}: {err.strerror}; "
                             "choose another with --set train.out_dir=PATH") from None
     return run_dir
-
-
-def _autocast(cfg: DuetConfig, device: torch.device):
-    """bf16 (or fp16 with a scaler) on CUDA only: on these CPUs low-precision matmul is far slower than fp32."""
-    mode = cfg.train.mixed_precision
-    if device.type != "cuda" or mode == "no":
-        return contextlib.nullcontext, None
-    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class Trainer:
@@ -169,7 +156,9 @@ class Trainer:
                             model_config=unet.config) if ctx.is_main else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         # The cache leaves unreadable images out when it is built, so no batch reports them: the count starts there.
-        self.best_val_loss, self.bad_steps = math.inf, 0
+        self.best_val_loss = math.inf
+        self.guard = NonFiniteGuard(t.max_bad_steps, lambda line: _log(ctx, line), self.run_dir,
+                                    "lower train.learning_rate and resume")
         # Unreadable train images, each counted once: left out of the cache when it was built, or met in a batch
         # (uncached reading meets one in every epoch, and once per caption in pairs mode).
         self.skipped_at_build, self.skipped_ids = skipped_at_build(self.train_set), set()
@@ -177,7 +166,7 @@ class Trainer:
             _log(ctx, f"{self.skipped_at_build} unreadable train images skipped (left out of the image cache)")
         self.window, self.warned, self.last_val_step, self.final_cost = [], False, -1, 0.0
         self.plan_restored = False   # a resumed diffusion phase keeps the length its first process planned
-        self.autocast, self.scaler = _autocast(cfg, ctx.device)
+        self.autocast, self.scaler = autocast_and_scaler(t.mixed_precision, ctx.device)
         if resume_dir is not None:
             self._restore(resume_dir)
 
@@ -200,14 +189,11 @@ class Trainer:
         if state.get("diffusion_end"):
             self._enter_diffusion_phase(state["diffusion_end"])
             self.plan_restored = True
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_val_loss, self.skipped_ids = state["best_val_loss"], set(state.get("skipped_ids", []))
-        if self.ema is not None and (folder / "unet_ema").is_dir():
-            self.ema = EMAModel.from_pretrained(folder / "unet_ema", UNet2DConditionModel)
+        if self.ema is not None and (folder / EMA_UNET_DIR).is_dir():
+            self.ema = EMAModel.from_pretrained(folder / EMA_UNET_DIR, UNet2DConditionModel)
             self.ema.to(self.ctx.device)
-        restore_rng_state(state["rng"])
+        restore_loop_state(self, state)
         _log(self.ctx, f"resumed from {folder} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
 
     def _tensorboard(self):
@@ -236,15 +222,10 @@ class Trainer:
                     if line.strip() and json.loads(line)["step"] <= self.step]
             self.metrics_path.write_text("".join(r + "\n" for r in rows))
 
-    def _loader(self, dataset, sampler=None, shuffle=False) -> DataLoader:
-        from data.collate import collate_captions
-
-        workers = min(self.cfg.train.num_workers, os.cpu_count() or 1)
-        return DataLoader(dataset, batch_size=self.cfg.train.batch_size, sampler=sampler, shuffle=shuffle,
-                          num_workers=workers, collate_fn=collate_captions, drop_last=sampler is not None,
-                          pin_memory=self.ctx.device.type == "cuda",
-                          # its own generator: making an iterator must not consume the global RNG (resume)
-                          generator=torch.Generator().manual_seed(self.cfg.train.seed))
+    def _loader(self, dataset, sampler=None) -> DataLoader:
+        t = self.cfg.train
+        return epoch_loader(dataset, t.batch_size, sampler, t.seed, min(t.num_workers, os.cpu_count() or 1),
+                            pin_memory=self.ctx.device.type == "cuda")
 
     def _train_step(self, micro_batches: list[dict]) -> dict | None:
         """One optimizer step over grad_accum_steps micro-batches; None when the loss was not finite."""
@@ -253,13 +234,11 @@ class Trainer:
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.train_module.no_sync()
             with sync, self.autocast():
-                out = self.train_module(_to_device(batch, self.ctx.device),
+                out = self.train_module(to_device(batch, self.ctx.device),
                                         with_diffusion=self.joint_end == self.total_steps)
                 loss = out["loss"] / len(micro_batches)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
+            if not backward(loss, self.optimizer, self.scaler):
                 return None
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
             for k in LOG_KEYS:
                 sums[k] += out[k].detach().item() / len(micro_batches)
         return self._optimizer_step(sums)
@@ -267,22 +246,11 @@ class Trainer:
     def _optimizer_step(self, sums: dict, manual_sync: bool = False) -> dict | None:
         """Clips, steps the optimizer, LR schedule and EMA after backward(); None when the gradients are not finite.
         manual_sync: the loss did not go through the DDP wrapper, so gradients are averaged here."""
-        t = self.cfg.train
         if manual_sync:
             all_reduce_grads(self.model.parameters(), self.ctx)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+        if not optimizer_step(self.optimizer, self.lr_schedule, self.model.parameters(), self.cfg.train.grad_clip,
+                              self.scaler):
             return None
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.lr_schedule.step()
         if self.ema is not None and (self.features is not None or self.joint_end == self.total_steps):
             self.ema.step(self.model.diffusion.unet.parameters())
         return {k: float(all_reduce_mean(torch.tensor(v), self.ctx)) for k, v in sums.items()}
@@ -334,11 +302,8 @@ class Trainer:
                                                     (t.image_decoder_batch_size or t.batch_size,), generator=generator)]
         with self.autocast():
             out = diffusion_phase_losses(self.model, f, self.train_set, rows, captions, images, device)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
+        if not backward(out["loss"], self.optimizer, self.scaler):
             return None
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
         return self._optimizer_step({k: float(v.detach()) for k, v in out.items()}, manual_sync=True)
 
     @torch.no_grad()
@@ -353,7 +318,7 @@ class Trainer:
                     break
                 if len(batch["images"]) < 2:
                     continue
-                out = self.model(_to_device(batch, self.ctx.device))
+                out = self.model(to_device(batch, self.ctx.device))
                 for k in LOG_KEYS:
                     sums[k] += float(out[k])
                 count += 1
@@ -371,8 +336,7 @@ class Trainer:
         self.ema.store(self.model.diffusion.unet.parameters())
         self.ema.copy_to(self.model.diffusion.unet.parameters())
         try:
-            generator = torch.Generator(self.ctx.device).manual_seed(0)
-            generated = self.model.generate_images(prompts, generator=generator)
+            generated = self.model.generate_images(prompts, list(range(len(prompts))))
             images = torch.stack([s["images"] for s in val]).to(self.ctx.device)
             captions = self.model.caption(images)
         finally:
@@ -384,14 +348,11 @@ class Trainer:
     def save(self, name: str, with_state: bool = True) -> Path:
         state = None
         if with_state:
-            state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                     "optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict(),
-                     "best_val_loss": self.best_val_loss, "skipped_ids": sorted(self.skipped_ids), "rng": rng_state(),
+            state = {**loop_state(self), "best_val_loss": self.best_val_loss, "skipped_ids": sorted(self.skipped_ids),
                      "diffusion_end": self.diffusion_end if self.features is not None else 0}
         folder = save_checkpoint(self.model, self.run_dir / name, ema=self.ema, trainer_state=state)
         if name.startswith(CHECKPOINT_PREFIX):
-            write_latest(self.run_dir, folder)
-            rotate_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+            commit_checkpoint(self.run_dir, folder, self.cfg.train.keep_checkpoints)
         return folder
 
     def _after_validation(self, val: dict) -> None:
@@ -402,7 +363,7 @@ class Trainer:
             return
         if val["val_loss"] < self.best_val_loss:
             self.best_val_loss = val["val_loss"]
-            self.save("best_model", with_state=False)
+            self.save(BEST_CHECKPOINT, with_state=False)
         self.sample_sheet()
         loss_curve_png(self.metrics_path, self.run_dir / "loss_curve.png")
 
@@ -420,17 +381,9 @@ class Trainer:
 
     def _record_step(self, metrics: dict | None, keys: tuple[str, ...], bar) -> bool:
         """Bookkeeping after a step: NaN guard, progress bar, log rows, validation. False when it was skipped."""
-        t, ctx = self.cfg.train, self.ctx
-        if metrics is None:
-            self.bad_steps += 1
-            _log(ctx, f"warning: non-finite loss at step {self.step}; step skipped "
-                      f"({self.bad_steps}/{t.max_bad_steps} in a row)")
-            if self.bad_steps >= t.max_bad_steps:
-                raise TrainingDiverged(f"training diverged: {self.bad_steps} non-finite losses in a row at "
-                                       f"step {self.step}; the last checkpoint in {self.run_dir} is intact; "
-                                       "lower train.learning_rate and resume")
+        t = self.cfg.train
+        if not self.guard.check(metrics is not None, self.step):
             return False
-        self.bad_steps = 0
         self.step += 1
         if "i2t" in metrics:
             self.window = (self.window + [metrics])[-50:]
@@ -471,7 +424,7 @@ class Trainer:
                     continue
                 if self.step % t.save_every_steps == 0 and ctx.is_main:
                     if self.batch_in_epoch < self.sampler.batches_per_epoch:
-                        self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                        self.save(checkpoint_name(self.step))
                     else:
                         save_after_epoch = True
                 if time.time() > deadline:
@@ -485,10 +438,10 @@ class Trainer:
                 if not t.val_every_steps:
                     self._validate_and_sample()
                 if save_after_epoch:
-                    self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                    self.save(checkpoint_name(self.step))
                     save_after_epoch = False
         if save_after_epoch and ctx.is_main and self.joint_end < self.total_steps:
-            self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+            self.save(checkpoint_name(self.step))
         return False
 
     def _plan_diffusion_phase(self, deadline: float, per_step: float) -> None:
@@ -525,12 +478,12 @@ class Trainer:
             if not t.val_every_steps and (self.step - self.joint_end) % self.steps_per_epoch == 0:
                 self._validate_and_sample()
             if self.step % t.save_every_steps == 0 and ctx.is_main:
-                self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+                self.save(checkpoint_name(self.step))
 
     def fit(self) -> dict:
         t, ctx = self.cfg.train, self.ctx
         if ctx.is_main:
-            (self.run_dir / "config.json").write_text(config_to_json(self.cfg))
+            (self.run_dir / CONFIG_FILE).write_text(config_to_json(self.cfg))
         self._truncate_metrics()
         deadline = self.started + t.max_minutes * 60 if t.max_minutes else math.inf
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True)
@@ -543,7 +496,7 @@ class Trainer:
         if self.last_val_step != self.step:
             self._after_validation(self.validate())
         if ctx.is_main:
-            self.save(f"{CHECKPOINT_PREFIX}{self.step:06d}")
+            self.save(checkpoint_name(self.step))
         if self.skipped_images:
             _log(ctx, f"{self.skipped_images} unreadable images were skipped in all")
         minutes = (time.time() - self.started) / 60

@@ -1,4 +1,5 @@
-"""AdamW with decay only on weight matrices, and linear warmup then cosine decay."""
+"""AdamW with decay only on weight matrices, linear warmup then cosine decay, and the step every loop here takes:
+backward, clip, optimizer and schedule, skipped when the loss or the gradients are not finite."""
 from __future__ import annotations
 
 import math
@@ -31,3 +32,32 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.05):
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return multiplier
+
+
+def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> bool:
+    """loss.backward() (scaled by an fp16 GradScaler); False, with the gradients cleared, when loss is not finite."""
+    if not torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    (scaler.scale(loss) if scaler else loss).backward()
+    return True
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, lr_schedule, params, max_grad_norm: float,
+                   scaler=None) -> bool:
+    """After backward(): clips the gradients of params to max_grad_norm (0: no clipping) and steps the optimizer and
+    the LR schedule; False, with nothing stepped, when the gradients are not finite. Gradients end cleared."""
+    if scaler:
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr_schedule.step()
+    return True

@@ -1,18 +1,18 @@
-"""What makes a run resumable: the epoch sampler, RNG state, the `latest` pointer and checkpoint rotation."""
+"""What makes a run resumable, for every training loop here: the epoch sampler and its loader, the loop's state
+(position, optimizer, LR schedule, RNG), the `latest` pointer and checkpoint rotation."""
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
+from common.files import atomic_write_text
 from configs.errors import UserError
-
-LATEST_FILE = "latest"
-CHECKPOINT_PREFIX = "checkpoint-"
+from data.collate import collate_captions
+from models.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE
 
 
 class EpochSampler(Sampler[int]):
@@ -39,6 +39,15 @@ class EpochSampler(Sampler[int]):
         return iter(mine[self.start_batch:].flatten().tolist())
 
 
+def epoch_loader(dataset, batch_size: int, sampler: EpochSampler | None, seed: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """Caption batches (collate_captions) in the sampler's order; without a sampler, the dataset's order in full."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_captions, drop_last=sampler is not None, pin_memory=pin_memory,
+                      # its own generator: making an iterator must not consume the global RNG (resume)
+                      generator=torch.Generator().manual_seed(seed))
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -53,10 +62,30 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def loop_state(loop) -> dict:
+    """What a loop (anything with step, epoch, batch_in_epoch, optimizer and lr_schedule) needs to resume, besides
+    its weights; saved as the checkpoint's trainer state."""
+    return {"step": loop.step, "epoch": loop.epoch, "batch_in_epoch": loop.batch_in_epoch,
+            "optimizer": loop.optimizer.state_dict(), "lr_schedule": loop.lr_schedule.state_dict(), "rng": rng_state()}
+
+
+def restore_loop_state(loop, state: dict) -> None:
+    """loop_state's inverse. The RNG is restored last: call it after anything that draws random numbers (building
+    modules does)."""
+    loop.optimizer.load_state_dict(state["optimizer"])
+    loop.lr_schedule.load_state_dict(state["lr_schedule"])
+    loop.step, loop.epoch, loop.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    restore_rng_state(state["rng"])
+
+
+def commit_checkpoint(run_dir: Path, checkpoint: Path, keep: int) -> None:
+    """A periodic checkpoint, complete on disk, becomes `latest`; the oldest beyond `keep` go."""
+    write_latest(run_dir, checkpoint)
+    rotate_checkpoints(run_dir, keep)
+
+
 def write_latest(run_dir: Path, checkpoint: Path) -> None:
-    tmp = run_dir / (LATEST_FILE + ".tmp")
-    tmp.write_text(checkpoint.name + "\n")
-    os.replace(tmp, run_dir / LATEST_FILE)
+    atomic_write_text(run_dir / LATEST_FILE, checkpoint.name + "\n")
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:

@@ -1,4 +1,4 @@
-"""PNG figures drawn with PIL alone: loss curves from metrics.jsonl and the validation sample sheet."""
+"""PNG figures drawn with PIL alone: loss curves from metrics.jsonl and sample sheets (training and evaluation)."""
 from __future__ import annotations
 
 import json
@@ -6,17 +6,10 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 CURVE_COLOURS = {"loss": (31, 119, 180), "cont": (255, 127, 14), "rec": (44, 160, 44), "diff": (214, 39, 40),
                  "val_loss": (0, 0, 0)}
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images."""
-    array = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in array]
 
 
 def read_metrics(path: Path) -> list[dict]:
