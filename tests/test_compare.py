@@ -25,7 +25,7 @@ def setup(tmp_path_factory, tiny_bert) -> dict:
     save_fashion_classifier(FashionClassifier(), tmp / "data")  # cached, so compare does not train one
     common = ["--checkpoint", str(base), "--data-root", str(tmp / "data"), "--batch-size", "4", "--max-steps", "2",
               "--lr", "1e-2", "--device", "cpu"]
-    assert main(["--mode", "finetune", "--out", str(tmp / "run"), "--rank", "4", *common]) == 0
+    assert main(["--mode", "finetune", "--out", str(tmp / "run"), "--method", "lora", "--rank", "4", *common]) == 0
     assert main(["--mode", "finetune", "--out", str(tmp / "full"), "--full", *common]) == 0
     # A --mode prompt report with one target: class 3 (dress) in red.
     targets = tmp / "run" / "prompt" / "targets"

@@ -50,9 +50,45 @@ def caption_set(tmp_path_factory) -> Path:
 
 
 def finetune(tmp: Path, checkpoint: Path, data: Path, *extra: str) -> int:
+    """A LoRA fine-tune of the UNet alone unless extra says otherwise (later flags win)."""
     return main(["--mode", "finetune", "--checkpoint", str(checkpoint), "--dataset", str(data),
                  "--data-root", str(tmp / "root"), "--out", str(tmp / "out"), "--batch-size", "4", "--rank", "4",
-                 "--device", "cpu", "--save-every", "2", *extra])
+                 "--device", "cpu", "--save-every", "2", "--method", "lora", "--no-train-decoder", *extra])
+
+
+def test_each_backend_has_its_own_defaults():
+    from specialize.finetune import settings_from_args
+    from specialize.launcher import build_parser
+
+    parse = lambda *argv: settings_from_args(build_parser().parse_args(["--mode", "finetune", *argv]))  # noqa: E731
+    duet, sd = parse(), parse("--backend", "sd")
+    assert (duet.full, duet.train_decoder, duet.batch_size, duet.learning_rate) == (True, True, 64, 1e-3)
+    assert (sd.full, sd.train_decoder, sd.batch_size, sd.learning_rate) == (False, False, 32, 1e-3)
+    assert parse("--backend", "sd", "--full").learning_rate == 5e-5
+    lora = parse("--method", "lora", "--no-train-decoder", "--batch-size", "8")
+    assert (lora.full, lora.train_decoder, lora.batch_size) == (False, False, 8)
+
+
+def test_the_cosine_is_planned_to_end_with_the_time_budget(base_checkpoint, caption_set, tmp_path):
+    from specialize.finetune import FineTuner, FinetuneSettings, build_train_set
+    from specialize.tunable import DuetTunable
+    from models.checkpoint import load_checkpoint
+
+    tunable = DuetTunable(load_checkpoint(base_checkpoint), base_checkpoint)
+    args = type("Args", (), {"dataset": str(caption_set), "data_root": str(tmp_path / "root")})
+    settings = FinetuneSettings(rank=4, batch_size=4, max_minutes=60, save_every=0, warmup_steps=2)
+    tuner = FineTuner(tunable, build_train_set(tunable, args, settings), settings, tmp_path / "out",
+                      torch.device("cpu"))
+    assert tuner.planned_steps is None and tuner._lr_multiplier(50) == 1.0   # constant until a plan exists
+    tuner.step, tuner.elapsed = 10, 10.0
+    tuner._plan([1.0] * 10)                   # 1 s a step, 59m50s left: about 3,590 more steps
+    assert 3500 < tuner.planned_steps < 3700
+    lrs = [tuner._lr_multiplier(step) for step in (0, 100, 1800, tuner.planned_steps)]
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[2] > lrs[3] and abs(lrs[3] - 0.05) < 1e-6
+    constant = FineTuner(tunable, tuner.train_set, FinetuneSettings(full=True, batch_size=4, lr_schedule="constant"),
+                         tmp_path / "out2", torch.device("cpu"))
+    constant._plan([1.0] * 10)
+    assert constant.planned_steps is None and constant._lr_multiplier(1000) == 1.0
 
 
 def unet_output(unet: torch.nn.Module) -> torch.Tensor:

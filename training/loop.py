@@ -31,7 +31,7 @@ from training.distributed import (DistributedContext, all_reduce_grads, all_redu
                                   shutdown_distributed)
 from training.features import build_frozen_features, diffusion_phase_losses
 from training.guard import NonFiniteGuard
-from training.optim import backward, build_optimizer, optimizer_step, warmup_cosine
+from training.optim import PLAN_AT, backward, build_optimizer, optimizer_step, plan_due, warmup_cosine
 from training.precision import autocast_and_scaler
 from training.state import (EpochSampler, commit_checkpoint, epoch_loader, loop_state, resolve_resume,
                             restore_loop_state)
@@ -40,10 +40,6 @@ BAR_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i")
 LOG_KEYS = BAR_KEYS + ("img_rec", "cap")
 # The diffusion phase trains the UNet and both decoders on frozen features: no contrastive term to show.
 DIFFUSION_KEYS = ("loss", "rec", "diff", "img_rec", "cap")
-# Diffusion-phase steps after which its length is (re)fixed under a time budget from the measured speed, then
-# every REPLAN_EVERY steps: a machine that gets busier mid-run would otherwise cut the cosine short at the deadline.
-PLAN_AT = (10, 60, 300)
-REPLAN_EVERY = 300
 # Train-section keys a resumed run may change; everything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
                      "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite"}
@@ -468,8 +464,7 @@ class Trainer:
             seconds.append(time.time() - started)        # the step alone: validations are counted apart
             if not self._record_step(metrics, DIFFUSION_KEYS, bar):
                 continue
-            done = self.step - first
-            if done in PLAN_AT or (done > PLAN_AT[-1] and done % REPLAN_EVERY == 0):
+            if plan_due(self.step - first):
                 # the first steps run slower (allocator, caches): later plans leave them out
                 timed = seconds[PLAN_AT[0]:] or seconds
                 self._plan_diffusion_phase(deadline, sum(timed) / len(timed))

@@ -34,6 +34,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.05):
     return multiplier
 
 
+# Under a time budget, a cosine's length is (re)fixed from the measured speed after these steps, then every
+# REPLAN_EVERY: the first steps run slow (allocator, caches), and a machine that gets busier mid-run would otherwise
+# cut the cosine short at the deadline.
+PLAN_AT = (10, 60, 300)
+REPLAN_EVERY = 300
+
+
+def plan_due(steps_done: int) -> bool:
+    return steps_done in PLAN_AT or (steps_done > PLAN_AT[-1] and steps_done % REPLAN_EVERY == 0)
+
+
 def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> bool:
     """loss.backward() (scaled by an fp16 GradScaler); False, with the gradients cleared, when loss is not finite."""
     if not torch.isfinite(loss):
