@@ -193,10 +193,13 @@ class ImageTextGenerator:
 
     @torch.inference_mode()
     def _generate(self, texts: list[str], seeds: list[int], num_inference_steps: int | None,
-                  guidance_scale: float | None, scheduler: str | None) -> list[Image.Image]:
-        """One batch: texts[i] drawn with noise from seeds[i]; None means the checkpoint's sample default."""
+                  guidance_scale: float | None, scheduler: str | None,
+                  negative_prompts: list[str] | None = None) -> list[Image.Image]:
+        """One batch: texts[i] drawn with noise from seeds[i], guided away from negative_prompts[i] ("" or None:
+        the trained null condition); None means the checkpoint's sample default. serving/ calls this directly."""
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        images = self.model.generate_images(texts, scheduler, num_inference_steps, guidance_scale, generators)
+        images = self.model.generate_images(texts, scheduler, num_inference_steps, guidance_scale, generators,
+                                            negative_texts=negative_prompts)
         return to_pil(images)
 
     def text_to_image(self, text: str, num_inference_steps: int | None = None, guidance_scale: float | None = None,

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DConditionModel)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DConditionModel)
 from diffusers.training_utils import compute_snr
 
 from configs.errors import UserError
@@ -20,7 +20,8 @@ from configs.schema import ModelConfig
 
 OBJECTIVES = ("epsilon", "v_prediction", "flow")
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler,
-              "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+              "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+              "euler_a": EulerAncestralDiscreteScheduler}
 FLOW_SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 # For the flow objective, the DDPM-family names map to its own samplers (one flag works for every checkpoint).
 FLOW_ALIASES = {"ddim": "euler", "ddpm": "euler", "dpm++": "euler", "dpm-solver++": "euler"}
@@ -157,9 +158,11 @@ class LatentDiffusion(nn.Module):
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, latent_shape: tuple[int, ...],
                scheduler, num_inference_steps: int, guidance_scale: float,
                generator: torch.Generator | list[torch.Generator] | None = None,
-               unet: UNet2DConditionModel | None = None, pooled: torch.Tensor | None = None) -> torch.Tensor:
+               unet: UNet2DConditionModel | None = None, pooled: torch.Tensor | None = None,
+               uncond: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """Denoises from Gaussian noise; returns normalised latents (B, Lc, h, w). guidance_scale 1 skips the
-        unconditional pass."""
+        unconditional pass. uncond: (states, mask, pooled) of the unconditional branch (a negative prompt); None
+        uses the trained null condition, all-zero states."""
         B, device = text_states.shape[0], text_states.device
         if isinstance(generator, list):  # one generator per image keeps batched output equal to one-by-one
             latents = torch.cat([torch.randn((1, *latent_shape), generator=g, device=device) for g in generator])
@@ -168,10 +171,12 @@ class LatentDiffusion(nn.Module):
         scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         guided = guidance_scale != 1.0
-        states = torch.cat([torch.zeros_like(text_states), text_states]) if guided else text_states
-        mask = torch.cat([text_mask, text_mask]) if guided else text_mask
+        if uncond is None:
+            uncond = (torch.zeros_like(text_states), text_mask, None if pooled is None else torch.zeros_like(pooled))
+        states = torch.cat([uncond[0], text_states]) if guided else text_states
+        mask = torch.cat([uncond[1], text_mask]) if guided else text_mask
         if pooled is not None and guided:
-            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+            pooled = torch.cat([uncond[2], pooled])
         for t in scheduler.timesteps:
             model_in = torch.cat([latents] * 2) if guided else latents
             if hasattr(scheduler, "scale_model_input"):
@@ -180,5 +185,6 @@ class LatentDiffusion(nn.Module):
             if guided:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
-            latents = scheduler.step(pred, t, latents).prev_sample
+            # the image's own generators also draw a stochastic sampler's step noise (DDPM, Euler a)
+            latents = scheduler.step(pred, t, latents, generator=generator).prev_sample
         return latents

@@ -136,9 +136,11 @@ class DuetModel(nn.Module):
 
     @torch.no_grad()
     def generate_images(self, texts: list[str], scheduler=None, num_inference_steps: int | None = None,
-                        guidance_scale: float | None = None, generator=None, unet=None) -> torch.Tensor:
+                        guidance_scale: float | None = None, generator=None, unet=None,
+                        negative_texts: list[str] | None = None) -> torch.Tensor:
         """texts -> images (B, 3, H, W) in [-1, 1]. scheduler: a sampler object or name; it, the steps and the
-        guidance default to the config's sample section. Pass the EMA UNet as `unet` to sample with it."""
+        guidance default to the config's sample section. Pass the EMA UNet as `unet` to sample with it.
+        negative_texts: one per text, the unconditional branch of guidance; "" keeps the trained null condition."""
         sample = self.config.sample
         if scheduler is None or isinstance(scheduler, str):
             scheduler = self.sampler(scheduler)
@@ -146,6 +148,23 @@ class DuetModel(nn.Module):
         guidance_scale = sample.guidance_scale if guidance_scale is None else guidance_scale
         tokens = self.tokenize(texts)
         states, pooled = self.text_condition(tokens["input_ids"], tokens["attention_mask"])
+        uncond = self.negative_condition(negative_texts, states, tokens["attention_mask"], pooled)
         latents = self.diffusion.sample(states, tokens["attention_mask"], self.latent_shape, scheduler,
-                                        num_inference_steps, guidance_scale, generator, unet, pooled)
+                                        num_inference_steps, guidance_scale, generator, unet, pooled, uncond)
         return self.decode_latents(latents).clamp(-1, 1)
+
+    def negative_condition(self, negative_texts: list[str] | None, states: torch.Tensor, mask: torch.Tensor,
+                           pooled: torch.Tensor | None):
+        """The unconditional branch (states, mask, pooled) for per-row negative prompts, or None when every one
+        is empty. An empty row keeps the all-zero null condition training dropped prompts to, not BERT's encoding
+        of "" ([CLS][SEP]), so a batch mixing rows with and without one equals each row drawn alone."""
+        if not negative_texts or not any(negative_texts):
+            return None
+        assert len(negative_texts) == len(states)
+        tokens = self.tokenize(negative_texts)
+        neg_states, neg_pooled = self.text_condition(tokens["input_ids"], tokens["attention_mask"])
+        has = torch.tensor([bool(t) for t in negative_texts], device=states.device)          # (B,)
+        uncond_states = torch.where(has[:, None, None], neg_states, torch.zeros_like(states))
+        uncond_mask = torch.where(has[:, None], tokens["attention_mask"], mask)
+        uncond_pooled = None if pooled is None else torch.where(has[:, None], neg_pooled, torch.zeros_like(pooled))
+        return uncond_states, uncond_mask, uncond_pooled
