@@ -67,6 +67,7 @@ def create_app(generator, settings: ServeSettings | None = None) -> FastAPI:
     size = generator.image_size
     samplers = SamplerTable(generator.model.sampler, sample.scheduler)
     model_name, model_sha = model_identity(generator)
+    train_timesteps = generator.model.diffusion.noise_scheduler.config.num_train_timesteps   # the most steps
 
     def generate(key, prompts, negatives, seeds):
         steps, cfg_scale, scheduler = key
@@ -122,6 +123,9 @@ def create_app(generator, settings: ServeSettings | None = None) -> FastAPI:
                                 f"{name} out")
         sampler_name, scheduler = samplers.resolve(request.sampler_name or request.sampler_index)
         steps = request.steps or sample.steps
+        if steps > train_timesteps:
+            raise UserError(f"steps {steps}: this model was trained with {train_timesteps} timesteps; send at most "
+                            f"{train_timesteps}")
         cfg_scale = sample.guidance_scale if request.cfg_scale is None else request.cfg_scale
         count = request.batch_size * request.n_iter
         base = random.SystemRandom().randrange(2**31) if request.seed == -1 else request.seed

@@ -7,16 +7,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from configs.loading import load_config
 from inference import ImageTextGenerator
-from models.checkpoint import save_checkpoint
-from models.duet import DuetModel
 from serving.app import create_app
 from serving.batcher import Batcher, QueueFull
+from serving.codec import encode_png
 from serving.schemas import MAX_STEPS
 from serving.settings import ServeSettings
 
@@ -24,23 +21,14 @@ PROMPT = "a red circle on the left"
 
 
 @pytest.fixture(scope="module")
-def generator(tiny_bert, tmp_path_factory):
-    cfg = load_config("tiny", {"model.text_encoder": str(tiny_bert)})
-    torch.manual_seed(0)
-    folder = save_checkpoint(DuetModel.build(cfg), tmp_path_factory.mktemp("serve") / "run" / "best_model")
-    return ImageTextGenerator(folder, device="cpu")
+def generator(tiny_checkpoint):
+    return ImageTextGenerator(tiny_checkpoint, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def client(generator):
     with TestClient(create_app(generator, ServeSettings(max_body_bytes=2**20))) as client:
         yield client
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def pixels(b64: str) -> np.ndarray:
@@ -111,12 +99,12 @@ def test_sd_models_interrogate_embeddings_health(client, generator):
     assert model["title"] == f"run/best_model [{model['hash']}]" and set(model) >= {"filename", "config"}
 
     image = picture()
-    caption = client.post("/sdapi/v1/interrogate", json={"image": png_b64(image), "model": "clip"}).json()
+    caption = client.post("/sdapi/v1/interrogate", json={"image": encode_png(image), "model": "clip"}).json()
     assert caption == {"caption": generator.image_to_text(image)}
-    data_url = "data:image/png;base64," + png_b64(image)        # what a browser's FileReader sends
+    data_url = "data:image/png;base64," + encode_png(image)        # what a browser's FileReader sends
     assert client.post("/sdapi/v1/interrogate", json={"image": data_url}).json() == caption
 
-    out = client.post("/v1/embeddings", json={"texts": [PROMPT, "a blue square"], "images": [png_b64(image)]}).json()
+    out = client.post("/v1/embeddings", json={"texts": [PROMPT, "a blue square"], "images": [encode_png(image)]}).json()
     assert out["dim"] == 32 and len(out["text_embeds"]) == 2 and len(out["image_embeds"]) == 1
     expected = generator.embed_texts([PROMPT, "a blue square"]).numpy()
     assert np.allclose(out["text_embeds"], expected, atol=1e-6)
@@ -171,9 +159,9 @@ def text_file_b64() -> str:
     return base64.b64encode(b"just some words, not an image\n" * 10).decode()
 
 
-def huge_png_b64() -> str:
+def huge_encode_png() -> str:
     """A 1-bit 5000x5000 PNG: a few kB on the wire, 25 megapixels when decoded."""
-    return png_b64(Image.new("1", (5000, 5000)))
+    return encode_png(Image.new("1", (5000, 5000)))
 
 
 BAD_REQUESTS = {   # name: (route, body or raw bytes, status, words the detail must contain)
@@ -182,6 +170,7 @@ BAD_REQUESTS = {   # name: (route, body or raw bytes, status, words the detail m
     "steps of wrong type": ("/sdapi/v1/txt2img", {"steps": "many"}, 422, "steps"),
     "steps 0": ("/sdapi/v1/txt2img", {"steps": 0}, 422, "steps"),
     "steps 10^6": ("/sdapi/v1/txt2img", {"steps": 10**6}, 422, f"less than or equal to {MAX_STEPS}"),
+    "more steps than trained": ("/sdapi/v1/txt2img", {"steps": 101}, 422, "trained with 100 timesteps"),
     "batch 10^4": ("/sdapi/v1/txt2img", {"batch_size": 10**4}, 422, "batch_size"),
     "too many images": ("/sdapi/v1/txt2img", {"batch_size": 8, "n_iter": 8}, 422, "batch_size * n_iter"),
     "cfg NaN": ("/sdapi/v1/txt2img", b'{"cfg_scale": NaN}', 422, "cfg_scale"),
@@ -191,7 +180,7 @@ BAD_REQUESTS = {   # name: (route, body or raw bytes, status, words the detail m
     "wrong size": ("/sdapi/v1/txt2img", {"width": 512}, 422, "16x16"),
     "broken base64": ("/sdapi/v1/interrogate", {"image": "iVBOR$$not base64"}, 422, "not valid base64"),
     "text file as image": ("/sdapi/v1/interrogate", {"image": text_file_b64()}, 422, "not an image"),
-    "too many pixels": ("/sdapi/v1/interrogate", {"image": huge_png_b64()}, 422, "5000x5000"),
+    "too many pixels": ("/sdapi/v1/interrogate", {"image": huge_encode_png()}, 422, "5000x5000"),
     "unknown interrogator": ("/sdapi/v1/interrogate", {"image": "AAAA", "model": "deepdanbooru"}, 422, "clip"),
     "50 MB upload": ("/sdapi/v1/interrogate", b'{"image": "' + b"A" * 50_000_000 + b'"}', 413, "larger than"),
     "no embedding input": ("/v1/embeddings", {}, 422, "texts"),
