@@ -55,7 +55,7 @@ def describe(err: RequestValidationError) -> tuple[int, str]:
     for e in errors:
         field = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
         got = e.get("input")
-        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {str(got)[:40]!r})"
+        shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {repr(got)[:40]})"
         parts.append(f"{field}: {e['msg']}{shown}")
     return 422, "; ".join(parts)
 

@@ -24,6 +24,8 @@ from PIL import Image
 from inference import ImageTextGenerator
 from serving.app import create_app
 from serving.settings import ServeSettings
+from specialize.launcher import main as specialize_main
+from test_prompt_opt import FAST, tiny_sd, write_tables, write_targets  # noqa: F401 (tiny_sd: a fixture used here)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle on the left"
@@ -171,19 +173,20 @@ def test_ctrl_c_finishes_the_request_in_flight_then_exits(tiny_checkpoint, tmp_p
             proc.kill()
 
 
-def test_prompt_optimiser_generates_through_the_server(generator, tiny_checkpoint, tmp_path, capsys):
-    from specialize.launcher import main
-    from test_prompt_opt import FAST, write_tables, write_targets
+def sdapi_args(url: str, tmp_path: Path, *judge: str) -> list[str]:
+    return ["--mode", "prompt", "--backend", "sdapi", "--url", url, *judge, "--attributes",
+            str(write_tables(tmp_path / "tables")), "--dataset", str(write_targets(tmp_path / "data")), "--out",
+            str(tmp_path / "out"), "--device", "cpu", "--cache-dir", "", *FAST, "--num-targets", "1"]
 
+
+def test_prompt_optimiser_generates_through_the_server(generator, tiny_checkpoint, tmp_path, capsys):
     app = create_app(generator, ServeSettings(api_key="k3y"))
     out = tmp_path / "out"
     with live_server(app) as url:
-        args = ["--mode", "prompt", "--backend", "sdapi", "--url", url, "--checkpoint", str(tiny_checkpoint),
-                "--attributes", str(write_tables(tmp_path / "tables")), "--dataset", str(write_targets(tmp_path / "d")),
-                "--out", str(out), "--device", "cpu", "--cache-dir", "", *FAST, "--num-targets", "1"]
-        assert main([*args, "--api-key", "k3y"]) == 0
+        args = sdapi_args(url, tmp_path, "--checkpoint", str(tiny_checkpoint))
+        assert specialize_main([*args, "--api-key", "k3y"]) == 0
         drawn = httpx.get(url + "/health", headers={"Authorization": "Bearer k3y"}).json()["images"]
-        assert main([*args, "--api-key", "wrong", "--overwrite"]) == 2
+        assert specialize_main([*args, "--api-key", "wrong", "--overwrite"]) == 2
         assert "answered 401" in capsys.readouterr().err
     summary = json.loads((out / "prompt" / "summary.json").read_text())
     assert summary["backend"] == "sdapi" and summary["targets"] == 1 and summary["weights_unchanged"]
@@ -191,5 +194,14 @@ def test_prompt_optimiser_generates_through_the_server(generator, tiny_checkpoin
     report = json.loads(next((out / "prompt" / "targets").glob("*.json")).read_text())
     assert {"type_only", "caption"} <= {c["strategy"] for c in report["candidates"]}    # the judge captions
     assert drawn == report["evaluations"] + 2     # one image per evaluation, then naive and chosen on held-out seeds
-    assert main([*args, "--url", url, "--overwrite"]) == 2       # the server is gone
+    assert specialize_main([*args, "--url", url, "--overwrite"]) == 2       # the server is gone
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_prompt_optimiser_through_the_server_judged_by_clip(generator, tiny_sd, tmp_path):
+    with live_server(create_app(generator)) as url:
+        assert specialize_main(sdapi_args(url, tmp_path, "--clip-path", str(tiny_sd / "clip"))) == 0
+    summary = json.loads((tmp_path / "out" / "prompt" / "summary.json").read_text())
+    assert summary["weights_unchanged"] and str(tiny_sd / "clip") in summary["model"]
+    report = json.loads(next((tmp_path / "out" / "prompt" / "targets").glob("*.json")).read_text())
+    assert "caption" not in {c["strategy"] for c in report["candidates"]}       # CLIP does not caption
