@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DConditionModel)
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DConditionModel)
 from diffusers.training_utils import compute_snr
 
 from configs.errors import UserError
@@ -20,7 +20,8 @@ from configs.schema import ModelConfig
 
 OBJECTIVES = ("epsilon", "v_prediction", "flow")
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler,
-              "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+              "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+              "euler_a": EulerAncestralDiscreteScheduler}
 FLOW_SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
 # For the flow objective, the DDPM-family names map to its own samplers (one flag works for every checkpoint).
 FLOW_ALIASES = {"ddim": "euler", "ddpm": "euler", "dpm++": "euler", "dpm-solver++": "euler"}

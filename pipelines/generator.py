@@ -110,13 +110,15 @@ class ImageTextGenerator:
                            text if len(text) <= 60 else text[:57] + "...", self.max_caption_len)
 
     @torch.inference_mode()
-    def _generate(self, texts: list[str], seeds: list[int], num_inference_steps: int | None,
-                  guidance_scale: float | None, scheduler: str | None, negative_prompt: str,
-                  batch_size: int | None = None) -> list[Image.Image]:
-        """texts[i] drawn with noise from seeds[i] (models.duet's one text-to-image path); None: the checkpoint's
-        sample default."""
-        if negative_prompt:
-            self._check_prompt_length(negative_prompt)
+    def generate(self, texts: list[str], seeds: list[int], num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, scheduler: str | None = None,
+                 negative_prompt: str | list[str] = "", batch_size: int | None = None) -> list[Image.Image]:
+        """texts[i] drawn with noise from seeds[i] (models.duet's one text-to-image path), so each image is the same
+        alone or batched with others; negative_prompt: one for all or one per text. None: the checkpoint's sample
+        default."""
+        for negative in [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt:
+            if negative:
+                self._check_prompt_length(negative)
         return to_pil(self.model.generate_images(texts, seeds, num_inference_steps, guidance_scale, scheduler,
                                                  negative_prompt, batch_size))
 
@@ -148,7 +150,7 @@ class ImageTextGenerator:
         if save_path is not None:
             check_writable(save_path)
         self._check_prompt_length(text)
-        images = self._generate([text] * num_images, seed_list(seed, num_images), num_inference_steps,
+        images = self.generate([text] * num_images, seed_list(seed, num_images), num_inference_steps,
                                 guidance_scale, scheduler, negative_prompt)
         if save_path is not None:
             save_path = Path(save_path)
@@ -183,7 +185,7 @@ class ImageTextGenerator:
             check_writable(paths[0])
         for text in texts:
             self._check_prompt_length(text)
-        images = self._generate(texts, seed_list(seed, len(texts)), num_inference_steps, guidance_scale, scheduler,
+        images = self.generate(texts, seed_list(seed, len(texts)), num_inference_steps, guidance_scale, scheduler,
                                 negative_prompt, batch_size)
         for image, path in zip(images, paths):
             save_image(image, path)

@@ -265,7 +265,9 @@ class StableDiffusionBackend(Backend):
         self.pipe, self.clip, self.processor = pipe, clip, processor
         self.tokenizer = processor.tokenizer
         self.device = clip.logit_scale.device
-        self.image_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        # pipe None: the CLIP half alone, judging images a server drew (specialize/sdapi.py)
+        self.image_size = (pipe.unet.config.sample_size * pipe.vae_scale_factor if pipe is not None
+                           else clip.config.vision_config.image_size)
         self.logit_scale = float(clip.logit_scale.detach().exp().clamp(max=100))
         self.paths = [p for p in (model_path, clip_path) if p is not None]
         self.source = " + ".join(map(str, self.paths)) or "in-memory pipeline"
@@ -317,8 +319,9 @@ class StableDiffusionBackend(Backend):
         return files_identity(files) if files else "in-memory-" + weights_checksum(self.modules())[:16]
 
     def modules(self):
-        return {"unet": self.pipe.unet, "vae": self.pipe.vae, "sd_text_encoder": self.pipe.text_encoder,
-                "clip": self.clip}
+        pipe = {"unet": self.pipe.unet, "vae": self.pipe.vae, "sd_text_encoder": self.pipe.text_encoder
+                } if self.pipe is not None else {}
+        return {**pipe, "clip": self.clip}
 
 
 def build_backend(args) -> Backend:
@@ -333,4 +336,8 @@ def build_backend(args) -> Backend:
         pipe = load_sd_pipeline(args.model_path, device)
         clip, processor = load_clip(args.clip_path, device)
         return StableDiffusionBackend(pipe, clip, processor, Path(args.model_path), Path(args.clip_path))
-    raise UserError(f"unknown --backend '{args.backend}'; choose duet or sd")
+    if args.backend == "sdapi":
+        from specialize.sdapi import build_sdapi_backend
+
+        return build_sdapi_backend(args, device)
+    raise UserError(f"unknown --backend '{args.backend}'; choose duet, sd or sdapi")

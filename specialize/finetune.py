@@ -113,6 +113,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args) -> FinetuneSettings:
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    if args.backend not in BACKEND_DEFAULTS:
+        raise UserError(f"--mode finetune trains local weights; --backend {args.backend} draws on a server "
+                        f"(choose {' or '.join(BACKEND_DEFAULTS)})")
     defaults = BACKEND_DEFAULTS[args.backend]
     s = FinetuneSettings(full=defaults["full"] if args.method is None else args.method == "full", rank=args.rank, alpha=args.alpha, target_modules=targets,
                          train_text_encoder=args.train_text_encoder, lr=args.lr,

@@ -40,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", required=True, choices=(*MODES, "all"))
     parser.add_argument("--checkpoint", help="Duet checkpoint folder (default: the newest under outputs/)")
-    parser.add_argument("--backend", default="duet", choices=("duet", "sd"),
-                        help="duet: our checkpoint; sd: Stable Diffusion (--model-path) + CLIP (--clip-path)")
+    parser.add_argument("--backend", default="duet", choices=("duet", "sd", "sdapi"),
+                        help="duet: our checkpoint; sd: Stable Diffusion (--model-path) + CLIP (--clip-path); "
+                             "sdapi: an A1111-compatible server (--url), judged by --checkpoint or --clip-path")
+    parser.add_argument("--url", help="the A1111-compatible server for --backend sdapi, e.g. http://127.0.0.1:7860")
+    parser.add_argument("--api-key", help="its API key (default: $DUET_API_KEY)")
     parser.add_argument("--model-path", help="local diffusers Stable Diffusion v1.5 folder (--backend sd)")
-    parser.add_argument("--clip-path", help="local HF CLIP or FashionCLIP folder (--backend sd)")
+    parser.add_argument("--clip-path", help="local HF CLIP or FashionCLIP folder (--backend sd, or sdapi's judge)")
     parser.add_argument("--dataset", default="fashion", help="fashion (tinted Fashion-MNIST) or a COCO-format folder")
     parser.add_argument("--data-root", default="data", help="where the fashion set lives or is generated")
     parser.add_argument("--out", default="outputs/specialize", help="results go to <out>/<mode>/")

@@ -43,3 +43,15 @@ def write_tiny_bert(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_bert, tmp_path_factory) -> Path:
+    """A random tiny-preset Duet checkpoint at <tmp>/run/best_model, seeded."""
+    from configs.loading import load_config
+    from models.checkpoint import save_checkpoint
+    from models.duet import DuetModel
+
+    cfg = load_config("tiny", {"model.text_encoder": str(tiny_bert)})
+    torch.manual_seed(0)
+    return save_checkpoint(DuetModel.build(cfg), tmp_path_factory.mktemp("tiny_checkpoint") / "run" / "best_model")
