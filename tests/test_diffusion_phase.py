@@ -204,3 +204,10 @@ def test_the_time_budget_plans_the_diffusion_phase(tiny_bert, data_root, tmp_pat
     assert "diffusion phase: " in err and "planned to end at step" in err
     steps = [r["step"] for r in rows_of(tmp_path / "embedded") if "loss" in r]
     assert 3 + loop.PLAN_AT[0] <= steps[-1] < 400 * 4
+
+
+def test_the_plan_is_renewed_every_few_hundred_steps():
+    from training.optim import plan_due
+
+    # early (the first steps run slow), then regularly: a machine that slows mid-run still ends on time
+    assert [n for n in range(1, 1300) if plan_due(n)] == [10, 60, 300, 600, 900, 1200]
