@@ -3,6 +3,7 @@
 a path a client sends or writes a file."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -12,11 +13,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
 
 from configs.errors import UserError
+from data.transforms import resize_center_crop
 from serving.guard import RequestGuard, error_body
 from serving.batcher import Batcher, ModelFailure, QueueFull
 from serving.codec import ImageDecodeError, decode_image, encode_png
@@ -110,8 +113,17 @@ def create_app(generator, settings: ServeSettings | None = None) -> FastAPI:
     async def _failed(request: Request, err: ModelFailure):
         return JSONResponse(error_body("ModelError", str(err)), status_code=500)
 
-    def image(data: str, field: str):
-        return decode_image(data, settings.max_image_bytes, settings.max_image_pixels, field)
+    def model_sized(data: str, field: str) -> Image.Image:
+        """Decoded and brought to the model's size at once, as the CLI preprocesses (shorter side, centre crop):
+        a request holds one full-size image at a time, however many it sends."""
+        picture = decode_image(data, settings.max_image_bytes, settings.max_image_pixels, field)
+        return Image.fromarray(resize_center_crop(picture, size))
+
+    async def images(datas: list[str], field: str) -> list[Image.Image]:
+        # decoding takes seconds for large uploads: off the event loop and off the model thread
+        return await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [model_sized(data, field if len(datas) == 1 and field == "image" else f"{field}[{i}]")
+                           for i, data in enumerate(datas)])
 
     @app.post("/sdapi/v1/txt2img", response_model=Txt2ImgResponse)
     async def txt2img(request: Txt2ImgRequest):
@@ -160,7 +172,7 @@ def create_app(generator, settings: ServeSettings | None = None) -> FastAPI:
         if request.model.lower() not in INTERROGATORS:
             raise UserError(f"unknown interrogate model '{request.model}'; this server offers "
                             f"{', '.join(INTERROGATORS)} (Duet's caption decoder)")
-        caption = await batcher.run(generator.image_to_text, image(request.image, "image"))
+        caption = await batcher.run(generator.image_to_text, (await images([request.image], "image"))[0])
         return {"caption": caption}
 
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
@@ -175,7 +187,7 @@ def create_app(generator, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse)
     async def embeddings(request: EmbeddingsRequest):
-        pictures = [image(data, f"images[{i}]") for i, data in enumerate(request.images)]
+        pictures = await images(request.images, "images")
         text_embeds = await batcher.run(generator.embed_texts, request.texts) if request.texts else None
         image_embeds = await batcher.run(generator.embed_images, pictures) if pictures else None
         as_lists = lambda embeds: [] if embeds is None else embeds.float().cpu().tolist()  # noqa: E731

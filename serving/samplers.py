@@ -20,11 +20,15 @@ class SamplerTable:
 
     def __init__(self, make_sampler, default: str):
         self.available: dict[str, str] = {}
+        built = set()
         for name, (_, ours) in A1111_SAMPLERS.items():
             try:
-                make_sampler(ours)
+                kind = type(make_sampler(ours))
             except UserError:
                 continue
+            if kind in built:   # a flow model runs its Euler for "DDIM" too: list only samplers that really differ
+                continue
+            built.add(kind)
             self.available[name] = ours
         self.default = default
         self._lookup = {key.lower(): name for name, (aliases, ours) in A1111_SAMPLERS.items()

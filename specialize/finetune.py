@@ -291,6 +291,7 @@ class FineTuner:
                             f"({type(err).__name__}); resume from an earlier one") from None
         state = load_trainer_state(folder)
         mine = json.loads(json.dumps(self.identity()))
+        saved = {"backend": "duet", "lr_schedule": "constant", **saved}   # checkpoints from before these settings
         for key, value in mine.items():
             if saved.get(key) != value:
                 raise UserError(f"--resume: {folder} was trained with {key}={saved.get(key)!r}, this run has "
@@ -301,7 +302,9 @@ class FineTuner:
             for name, param in self.params.items():
                 param.copy_(weights[name].to(param.device))
         self.elapsed, self.losses = state["elapsed"], list(state["losses"])
-        self.planned_steps = state.get("planned_steps", self.planned_steps)
+        # --max-steps (which a resume may change) fixes the cosine; under --max-minutes the saved plan holds until
+        # the next re-plan, which counts the time already spent
+        self.planned_steps = self.s.max_steps or state.get("planned_steps")
         restore_loop_state(self, state)
 
     # --- training ----------------------------------------------------------------------------------------------
@@ -347,8 +350,8 @@ class FineTuner:
             self.losses.append(round(float(loss.detach()), 5))
             seconds.append(time.perf_counter() - started)
             self.elapsed += seconds[-1]
-            if plan_due(self.step - first) and (first == 0 or self.planned_steps is None):
-                self._plan(seconds)   # a resumed run keeps its plan, and with it its cosine
+            if plan_due(self.step - first):
+                self._plan(seconds)
             bar.update(1)
             bar.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{self.lr_schedule.get_last_lr()[0]:.2e}",
                             minutes=f"{self.elapsed / 60:.1f}")

@@ -22,6 +22,8 @@ from specialize.backends import Backend, fit_images
 
 API_KEY_ENV = "DUET_API_KEY"   # the variable serve.py reads too
 
+MAX_IMAGES_PER_REQUEST = 16   # serve.py refuses more in one txt2img; A1111 servers take it too
+
 
 class SdApiClient:
     """POST JSON to an A1111-style server; an HTTP error is a UserError carrying the server's own message."""
@@ -55,14 +57,19 @@ class SdApiClient:
 
     def txt2img(self, prompt: str, seed: int, count: int, steps: int | None, cfg_scale: float | None,
                 sampler: str | None = None) -> list[np.ndarray]:
-        """count images of one prompt, image i from seed + i (A1111's rule) -> uint8 (H, W, 3) arrays."""
-        body = {"prompt": prompt, "seed": int(seed), "batch_size": count, "steps": steps, "cfg_scale": cfg_scale,
-                "sampler_name": sampler}
-        out = self.post("/sdapi/v1/txt2img", {k: v for k, v in body.items() if v is not None})
-        images = out.get("images") if isinstance(out, dict) else None
-        if not isinstance(images, list) or len(images) < count:
-            raise UserError(f"{self.url}/sdapi/v1/txt2img returned {len(images or [])} images for {count} asked")
-        return [np.asarray(_open_image(data)) for data in images[:count]]
+        """count images of one prompt, image i from seed + i (A1111's rule) -> uint8 (H, W, 3) arrays; in requests of
+        at most MAX_IMAGES_PER_REQUEST images (serve.py's limit), each starting at its own first seed."""
+        arrays = []
+        for start in range(0, count, MAX_IMAGES_PER_REQUEST):
+            n = min(MAX_IMAGES_PER_REQUEST, count - start)
+            body = {"prompt": prompt, "seed": int(seed) + start, "batch_size": n, "steps": steps,
+                    "cfg_scale": cfg_scale, "sampler_name": sampler}
+            out = self.post("/sdapi/v1/txt2img", {k: v for k, v in body.items() if v is not None})
+            images = out.get("images") if isinstance(out, dict) else None
+            if not isinstance(images, list) or len(images) < n:
+                raise UserError(f"{self.url}/sdapi/v1/txt2img returned {len(images or [])} images for {n} asked")
+            arrays += [np.asarray(_open_image(data)) for data in images[:n]]
+        return arrays
 
 
 def _open_image(data: str):

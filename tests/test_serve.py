@@ -236,3 +236,41 @@ def test_a_chunked_body_is_cut_off_at_the_limit_too(client):
 
     response = client.post("/sdapi/v1/interrogate", content=chunks(), headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and "larger than" in response.json()["detail"]
+
+
+def test_a_flow_model_lists_only_the_samplers_it_really_runs():
+    from models.diffusion import build_noise_scheduler, sampling_scheduler
+    from serving.samplers import SamplerTable
+
+    def table(objective: str) -> SamplerTable:
+        noise = build_noise_scheduler(1000, objective)
+        return SamplerTable(lambda name: sampling_scheduler(name, noise), "euler")
+
+    assert set(table("flow").available) == {"Euler", "Heun"}     # its "DDIM" would be Euler again
+    assert {"DDIM", "DPM++ 2M", "DDPM", "Euler", "Euler a"} <= set(table("v_prediction").available)
+
+
+def test_embeddings_of_a_large_upload_equal_the_cli_preprocessing(client, generator):
+    big = picture(3, size=(300, 400))
+    buffer = io.BytesIO()
+    big.save(buffer, format="PNG")
+    response = client.post("/v1/embeddings", json={"images": [base64.b64encode(buffer.getvalue()).decode()]})
+    assert response.status_code == 200, response.text
+    served = np.asarray(response.json()["image_embeds"][0])
+    assert np.allclose(served, generator.embed_images([big])[0].numpy(), atol=1e-5)
+
+
+def test_the_sdapi_client_splits_large_counts_into_requests_the_server_takes(monkeypatch):
+    from specialize.sdapi import MAX_IMAGES_PER_REQUEST, SdApiClient
+
+    sent = []
+
+    def answer(self, path, body):   # the server's answer to each request: batch_size images
+        sent.append(body)
+        return {"images": [encode_png(picture(body["seed"] + i, size=(4, 4))) for i in range(body["batch_size"])]}
+
+    monkeypatch.setattr(SdApiClient, "post", answer)
+    images = SdApiClient("http://127.0.0.1:1").txt2img("a dress", 100, MAX_IMAGES_PER_REQUEST + 5, 2, 2.0)
+    assert [(b["seed"], b["batch_size"]) for b in sent] == [(100, MAX_IMAGES_PER_REQUEST), (116, 5)]
+    assert len(images) == MAX_IMAGES_PER_REQUEST + 5
+    assert np.array_equal(images[16], np.asarray(picture(116, size=(4, 4))))
