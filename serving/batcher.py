@@ -52,6 +52,7 @@ class Batcher:
         self.max_queue_images = max_queue_images
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="duet-model")
         self.pending: list[_Item] = []
+        self.calls = 0          # captions and embeddings waiting for or on the model thread
         self.stats = {"batches": 0, "images": 0, "largest_batch": 0, "batch_seconds": 0.0, "drawing": 0}
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
@@ -75,7 +76,12 @@ class Batcher:
         return max(1, round(per_batch * len(self.pending) / self.max_batch_images))
 
     async def run(self, fn: Callable, *args) -> Any:
-        """fn(*args) on the model thread (captions, embeddings); a model exception becomes ModelFailure."""
+        """fn(*args) on the model thread (captions, embeddings); a model exception becomes ModelFailure. Such calls
+        count against the queue like images, so a flood of them is refused (503) instead of piling up."""
+        if self.calls + len(self.pending) >= self.max_queue_images:
+            raise QueueFull(f"{self.calls + len(self.pending)} calls and images are waiting "
+                            f"(at most {self.max_queue_images})")
+        self.calls += 1
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         except UserError:
@@ -83,6 +89,8 @@ class Batcher:
         except Exception as err:
             logger.exception("model call failed")
             raise ModelFailure(f"{type(err).__name__}: {err}") from err
+        finally:
+            self.calls -= 1
 
     async def submit(self, key: Hashable, prompts: list[str], negatives: list[str], seeds: list[int]) -> list:
         """Queues one request's images; returns them in order once every one is drawn."""

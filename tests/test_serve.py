@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -153,6 +154,21 @@ def test_full_queue_refuses_before_queueing():
         queued.cancel()
 
     asyncio.run(fill())
+
+
+def test_captions_and_embeddings_count_against_the_queue():
+    async def flood():
+        release = threading.Event()
+        batcher = Batcher(lambda *args: None, max_batch_images=1, max_queue_images=2)
+        calls = [asyncio.ensure_future(batcher.run(release.wait)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await batcher.run(release.wait)
+        release.set()
+        assert await asyncio.gather(*calls) == [True, True] and batcher.calls == 0
+        await batcher.run(release.wait)     # room again
+
+    asyncio.run(flood())
 
 
 def text_file_b64() -> str:
