@@ -350,6 +350,8 @@ def run(args) -> dict:
             arm["prompts"] = sorted(set(t for t, c in zip(arm_texts, covered) if c))
         tunable = base_tunable if arm["kind"] in ("base", "prompt") else load_arm_model(args, arm, base, device)
         images[name] = generate(tunable, arm_texts, seeds, args)
+        # without --guidance-scale each arm samples at its own checkpoint's default (a tuned model may carry one)
+        arm["guidance_scale"] = tunable.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
         arm["metrics"] = arm_metrics(images[name], prompts, judge, real_features, classifier)
         # An arm that adapted the decoder (--train-decoder) has its own ceiling.
         own = ceiling if tunable is base_tunable else reconstruction_ceiling(tunable, real_images, real_labels,
@@ -362,7 +364,7 @@ def run(args) -> dict:
         "backend": base_tunable.name, "base": base_tunable.source, "dataset": args.dataset,
         "prompts": len(prompts) // args.images_per_prompt, "images_per_prompt": args.images_per_prompt,
         "steps": args.steps or base_tunable.sample.steps, "seed": args.seed,
-        "guidance_scale": base_tunable.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+        "guidance_scale": args.guidance_scale,   # None: each arm's own default (arms.*.guidance_scale)
         "scheduler": args.scheduler or base_tunable.sample.scheduler,
         "judge": None if judge is None else type(judge).__name__,
         "fd_label": None if judge is None else judge.label, "fd_real_images": len(real_images),

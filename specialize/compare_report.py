@@ -27,7 +27,8 @@ def markdown(report: dict) -> str:
     deltas = report["deltas_vs_base"]
     lines = [f"# Base vs tuned on {report['dataset']} ({report['backend']} backend)", "",
              f"Base: `{report['base']}`. {report['prompts']} prompts x {report['images_per_prompt']} seeds, the same "
-             f"for every arm; {report['steps']} {report['scheduler']} steps, guidance {report['guidance_scale']}.", "",
+             f"for every arm; {report['steps']} {report['scheduler']} steps, guidance "
+             + ", ".join(f"{name} {arm['guidance_scale']}" for name, arm in report["arms"].items()) + ".", "",
              "| arm | class accuracy | delta | image-text score | delta | Fréchet distance | delta "
              "| round-trip ceiling |",
              "|---|---|---|---|---|---|---|---|"]

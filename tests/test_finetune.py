@@ -62,8 +62,9 @@ def test_each_backend_has_its_own_defaults():
 
     parse = lambda *argv: settings_from_args(build_parser().parse_args(["--mode", "finetune", *argv]))  # noqa: E731
     duet, sd = parse(), parse("--backend", "sd")
-    assert (duet.full, duet.train_decoder, duet.batch_size, duet.learning_rate) == (True, True, 64, 1e-3)
-    assert (sd.full, sd.train_decoder, sd.batch_size, sd.learning_rate) == (False, False, 32, 1e-3)
+    assert (duet.full, duet.train_decoder, duet.batch_size, duet.learning_rate, duet.guidance_scale) == (
+        True, True, 64, 1e-3, 3.0)
+    assert (sd.full, sd.train_decoder, sd.batch_size, sd.learning_rate, sd.guidance_scale) == (False, False, 32, 1e-3, 0)
     assert parse("--backend", "sd", "--full").learning_rate == 5e-5
     lora = parse("--method", "lora", "--no-train-decoder", "--batch-size", "8")
     assert (lora.full, lora.train_decoder, lora.batch_size) == (False, False, 8)
@@ -229,8 +230,10 @@ def test_nan_losses_stop_the_run_like_training_does(base_checkpoint, caption_set
 def test_full_finetuning_changes_the_unet_and_saves_a_loadable_checkpoint(base_checkpoint, caption_set, tmp_path):
     from models.checkpoint import load_checkpoint
 
-    assert finetune(tmp_path, base_checkpoint, caption_set, "--full", "--max-steps", "2", "--lr", "1e-3") == 0
+    assert finetune(tmp_path, base_checkpoint, caption_set, "--full", "--max-steps", "2", "--lr", "1e-3",
+                    "--tuned-guidance-scale", "4.5") == 0
     tuned = load_checkpoint(tmp_path / "out" / "finetune" / "model")
+    assert tuned.config.sample.guidance_scale == 4.5     # the tuned model's own sampling default
     base = load_checkpoint(base_checkpoint)
     changed = [k for k, v in base.diffusion.unet.state_dict().items()
                if not torch.equal(v, tuned.diffusion.unet.state_dict()[k])]
