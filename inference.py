@@ -165,11 +165,10 @@ def run(args: argparse.Namespace) -> None:
                                                   num_inference_steps=args.steps, seed=args.seed,
                                                   guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                                                   negative_prompt=args.negative_prompt)
-        written = image_files
-        for image, path in zip(images, written):
+        for image, path in zip(images, image_files):
             save_image(image, path)
             print(f"wrote {path}")
-        files = files or (written if mode == "both" else [])  # both without --image: caption what was drawn
+        files = files or (image_files if mode == "both" else [])  # both without --image: caption what was drawn
     if mode != "t2i":
         captions = generator.batch_image_to_text(files, batch_size=args.batch_size, num_beams=args.num_beams,
                                                  do_sample=args.sample, top_p=args.top_p,

@@ -17,9 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # weights come from the checkpoin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from configs.errors import UserError  # noqa: E402
-from serving.settings import ServeSettings  # noqa: E402
+from serving.settings import API_KEY_ENV, ServeSettings  # noqa: E402
 
-API_KEY_ENV = "DUET_API_KEY"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -172,7 +172,8 @@ class CocoCaptions(Dataset):
     iterator starts, so call set_epoch before iterating (and don't use persistent_workers in random mode).
 
     A sample is {"images": (3, H, W) float32 in [-1, 1], "input_ids": (T,) long, "attention_mask": (T,) long,
-    "image_id": int, "caption": str}, or None if the image cannot be read (batch with data.collate.collate_captions).
+    "image_id": int, "caption": str}, or {"unreadable": image_id} if the image cannot be read (batch with
+    data.collate.collate_captions, which counts those once per image).
     """
 
     def __init__(self, ann_file: str | Path, image_dir: str | Path, tokenizer, image_size: int,

@@ -74,6 +74,12 @@ def is_flow(noise_scheduler) -> bool:
 SPACINGS = ("leading", "trailing", "linspace")
 
 
+def null_condition(states: torch.Tensor, mask: torch.Tensor, pooled: torch.Tensor | None) -> tuple:
+    """The condition training drops prompts to (classifier-free guidance's unconditional branch): all-zero states
+    and pooled embedding, with the prompt's own mask."""
+    return torch.zeros_like(states), mask, None if pooled is None else torch.zeros_like(pooled)
+
+
 def sampling_scheduler(name: str, noise_scheduler, timestep_spacing: str = "trailing"):
     """A sampler by name, sharing the training schedule (diffusers' from_config). "trailing" spacing starts at the
     last training timestep, where the training noise is pure, as the sampler's starting noise is (Lin et al.)."""
@@ -171,8 +177,7 @@ class LatentDiffusion(nn.Module):
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         guided = guidance_scale != 1.0
         if guided:
-            null = (torch.zeros_like(text_states), text_mask, None if pooled is None else torch.zeros_like(pooled))
-            uncond_states, uncond_mask, uncond_pooled = uncond or null
+            uncond_states, uncond_mask, uncond_pooled = uncond or null_condition(text_states, text_mask, pooled)
             states, mask = torch.cat([uncond_states, text_states]), torch.cat([uncond_mask, text_mask])
             pooled = None if pooled is None else torch.cat([uncond_pooled, pooled])
         else:

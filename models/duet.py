@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from configs.schema import DuetConfig
 from models.caption_decoder import CaptionDecoder
 from models.caption_search import CaptionOptions, decode_captions
-from models.diffusion import LatentDiffusion, sampling_scheduler
+from models.diffusion import LatentDiffusion, null_condition, sampling_scheduler
 from models.image_decoder import ImageDecoder
 from models.image_encoder import build_image_encoder
 from models.losses import contrastive_loss
@@ -156,10 +156,10 @@ class DuetModel(nn.Module):
         steps = steps or sample.steps
         guidance_scale = sample.guidance_scale if guidance_scale is None else guidance_scale
         batch_size = batch_size or max(len(texts), 1)
-        images = []
+        images, sampler = [], self.sampler(scheduler)     # sample() resets its timesteps for each batch
         for start in range(0, len(texts), batch_size):
             rows = slice(start, start + batch_size)
-            images.append(self._generate_batch(texts[rows], seeds[rows], negatives[rows], self.sampler(scheduler),
+            images.append(self._generate_batch(texts[rows], seeds[rows], negatives[rows], sampler,
                                                steps, guidance_scale).float().cpu())
         side = self.config.model.image_size
         return torch.cat(images) if images else torch.zeros(0, 3, side, side)
@@ -173,11 +173,12 @@ class DuetModel(nn.Module):
         if any(negatives) and guidance_scale != 1.0:
             negative = self.tokenize(negatives)
             uncond_states, uncond_pooled = self.text_condition(negative["input_ids"], negative["attention_mask"])
-            # rows without a negative prompt keep the null condition: zero states with their prompt's mask
+            # rows without a negative prompt keep the null condition of training
             has = torch.tensor([bool(n) for n in negatives], device=device)
-            uncond = (uncond_states * has[:, None, None].to(states.dtype),
-                      torch.where(has[:, None], negative["attention_mask"], tokens["attention_mask"]),
-                      None if pooled is None else uncond_pooled * has[:, None].to(pooled.dtype))
+            null_states, null_mask, null_pooled = null_condition(states, tokens["attention_mask"], pooled)
+            uncond = (torch.where(has[:, None, None], uncond_states, null_states),
+                      torch.where(has[:, None], negative["attention_mask"], null_mask),
+                      None if pooled is None else torch.where(has[:, None], uncond_pooled, null_pooled))
         latents = self.diffusion.sample(states, tokens["attention_mask"], self.latent_shape, scheduler, steps,
                                         guidance_scale, generators, pooled, uncond)
         return self.decode_latents(latents).clamp(-1, 1)

@@ -6,20 +6,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import random
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from PIL import Image
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image
 from starlette.exceptions import HTTPException
 
 from configs.errors import UserError
 from data.transforms import resize_center_crop
+from models.checkpoint import WEIGHTS_FILE
+from pipelines.generator import seed_list
 from serving.guard import RequestGuard, error_body
 from serving.batcher import Batcher, ModelFailure, QueueFull
 from serving.codec import ImageDecodeError, decode_image, encode_png
@@ -37,7 +38,7 @@ def model_identity(generator) -> tuple[str, str | None]:
     folder = generator.checkpoint
     if folder is None:
         return "in-memory", None
-    weights = Path(folder) / "model.safetensors"
+    weights = Path(folder) / WEIGHTS_FILE
     digest = None
     if weights.is_file():
         sha = hashlib.sha256()
@@ -139,8 +140,7 @@ def create_app(generator, settings: ServeSettings | None = None) -> FastAPI:
                             f"{train_timesteps}")
         cfg_scale = sample.guidance_scale if request.cfg_scale is None else request.cfg_scale
         count = request.batch_size * request.n_iter
-        base = random.SystemRandom().randrange(2**31) if request.seed == -1 else request.seed
-        seeds = [base + i for i in range(count)]     # A1111's rule: image i of a request uses seed + i
+        seeds = seed_list(None if request.seed == -1 else request.seed, count)   # A1111's rule too: seed + i
         images = await batcher.submit((steps, cfg_scale, scheduler), [request.prompt] * count,
                                       [request.negative_prompt] * count, seeds)
         parameters = {**request.model_dump(), "steps": steps, "cfg_scale": cfg_scale, "sampler_name": sampler_name,
@@ -201,8 +201,10 @@ def create_app(generator, settings: ServeSettings | None = None) -> FastAPI:
                 "queue_images": len(batcher.pending), "max_queue_images": settings.max_queue_images,
                 "max_batch_images": settings.max_batch_images, **batcher.stats}
 
+    page_html = PAGE.read_text()
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return PAGE.read_text()
+        return page_html
 
     return app

@@ -83,14 +83,19 @@ class Batcher:
                             f"(at most {self.max_queue_images})")
         self.calls += 1
         try:
+            return await self._call(fn, *args)
+        finally:
+            self.calls -= 1
+
+    async def _call(self, fn: Callable, *args) -> Any:
+        """fn(*args) on the model thread; the worker's own batches come here unadmitted (they were queued)."""
+        try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
         except UserError:
             raise
         except Exception as err:
             logger.exception("model call failed")
             raise ModelFailure(f"{type(err).__name__}: {err}") from err
-        finally:
-            self.calls -= 1
 
     async def submit(self, key: Hashable, prompts: list[str], negatives: list[str], seeds: list[int]) -> list:
         """Queues one request's images; returns them in order once every one is drawn."""
@@ -122,7 +127,7 @@ class Batcher:
             started = time.perf_counter()
             self.stats["drawing"] = len(batch)
             try:
-                images = await self.run(self.generate, batch[0].job.key, prompts, negatives, seeds)
+                images = await self._call(self.generate, batch[0].job.key, prompts, negatives, seeds)
             except (UserError, ModelFailure) as err:
                 for item in batch:
                     if not item.job.future.done():

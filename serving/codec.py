@@ -9,6 +9,8 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
+from data.transforms import IMAGE_ERRORS, to_rgb
+
 _DATA_URL = re.compile(r"^data:[\w/+.-]*;base64,", re.IGNORECASE)
 
 
@@ -38,12 +40,12 @@ def decode_image(data: str, max_bytes: int, max_pixels: int, field: str = "image
             if width * height > max_pixels:
                 raise ImageDecodeError(f"{field} is {width}x{height} pixels; at most {max_pixels} pixels")
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)    # as training and the CLI read images: alpha on white, 16-bit scaled
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
         raise ImageDecodeError(f"{field} is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except (*IMAGE_ERRORS, Image.DecompressionBombWarning) as err:
         raise ImageDecodeError(f"{field} is damaged or truncated ({str(err).splitlines()[0] or type(err).__name__})"
                                ) from None
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from configs.errors import UserError
 
 
+API_KEY_ENV = "DUET_API_KEY"   # serve.py's --api-key default, and the sdapi client's
+
+
 @dataclass
 class ServeSettings:
     api_key: str | None = None                   # None: no key; else every route but the page needs it

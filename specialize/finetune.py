@@ -20,7 +20,7 @@ import torch
 from configs.errors import UserError
 from specialize.launcher import OUT_SUBDIRS
 from models.lora import UNET_TARGET_MODULES
-from training.optim import PLAN_AT, plan_due
+from training.optim import mean_step_seconds, plan_due
 
 # A fine-tuning checkpoint holds what trains, not the frozen base: the trainable weights, the trainer state
 # (models.checkpoint's file) and the settings a resume must share.
@@ -249,9 +249,8 @@ class FineTuner:
         s = self.s
         if s.max_steps or not s.max_minutes or s.lr_schedule == "constant":
             return
-        timed = seconds[PLAN_AT[0]:] or seconds
         left = s.max_minutes * 60 - self.elapsed
-        self.planned_steps = self.step + max(1, int(left / (sum(timed) / len(timed))))
+        self.planned_steps = self.step + max(1, int(left / mean_step_seconds(seconds)))
 
     @property
     def trainable_params(self) -> int:

@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.images import from_uint8
 from configs.errors import UserError
+from serving.schemas import MAX_IMAGES_PER_REQUEST   # serve.py refuses more in one txt2img
+from serving.settings import API_KEY_ENV
 from specialize.backends import Backend, fit_images
 
-API_KEY_ENV = "DUET_API_KEY"   # the variable serve.py reads too
 
-MAX_IMAGES_PER_REQUEST = 16   # serve.py refuses more in one txt2img; A1111 servers take it too
 
 
 class SdApiClient:
@@ -110,7 +111,7 @@ class SdApiBackend(Backend):
         arrays = []
         for start, stop in consecutive_runs(list(prompts), list(seeds)):
             arrays += self.client.txt2img(prompts[start], seeds[start], stop - start, steps, guidance, self.sampler)
-        images = torch.stack([torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arrays]).float() / 127.5 - 1
+        images = torch.stack([from_uint8(a) for a in arrays])
         return fit_images(images.to(self.device), self.image_size)            # (B, 3, S, S) in [-1, 1]
 
     def encode_images(self, images):

@@ -15,6 +15,7 @@ from models.duet import DuetModel
 from models.text_encoder import load_text_backbone
 from training import loop
 from training.features import build_frozen_features, cached_caption_rows
+from training.optim import PLAN_AT
 
 # 32 images, batch 8: 3 joint steps, then 5 diffusion-phase steps; checkpoints at 3 and 6 (and 8).
 PHASED = {"data.limit_train": 32, "data.caption_mode": "random", "train.max_steps": 8, "train.joint_steps": 3,
@@ -203,7 +204,7 @@ def test_the_time_budget_plans_the_diffusion_phase(tiny_bert, data_root, tmp_pat
     err = capsys.readouterr().err
     assert "diffusion phase: " in err and "planned to end at step" in err
     steps = [r["step"] for r in rows_of(tmp_path / "embedded") if "loss" in r]
-    assert 3 + loop.PLAN_AT[0] <= steps[-1] < 400 * 4
+    assert 3 + PLAN_AT[0] <= steps[-1] < 400 * 4
 
 
 def test_the_plan_is_renewed_every_few_hundred_steps():

@@ -171,6 +171,33 @@ def test_captions_and_embeddings_count_against_the_queue():
     asyncio.run(flood())
 
 
+def test_the_worker_draws_a_full_queue_while_a_caption_is_in_flight():
+    async def busy():
+        release = threading.Event()
+        batcher = Batcher(lambda key, prompts, negatives, seeds: [f"{key}:{s}" for s in seeds], max_batch_images=1,
+                          max_queue_images=2)
+        caption = asyncio.ensure_future(batcher.run(release.wait))       # holds the model thread
+        await asyncio.sleep(0.05)
+        jobs = [asyncio.ensure_future(batcher.submit(key, ["p"], [""], [seed])) for key, seed in (("a", 1), ("b", 2))]
+        await asyncio.sleep(0)
+        batcher.start()                         # its batches were admitted when queued: never refused
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*jobs), 5) == [["a:1"], ["b:2"]]
+        assert await caption is True
+        await batcher.stop()
+
+    asyncio.run(busy())
+
+
+def test_uploads_are_read_as_training_reads_images():
+    from serving.codec import decode_image
+
+    clear = Image.new("RGBA", (8, 8), (255, 0, 0, 0))      # fully transparent red: white, as data.transforms reads it
+    pixels = np.asarray(decode_image(encode_png(clear), 2**20, 10**6))
+    assert (pixels == 255).all()
+
+
 def text_file_b64() -> str:
     return base64.b64encode(b"just some words, not an image\n" * 10).decode()
 

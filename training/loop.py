@@ -31,7 +31,7 @@ from training.distributed import (DistributedContext, all_reduce_grads, all_redu
                                   shutdown_distributed)
 from training.features import build_frozen_features, diffusion_phase_losses
 from training.guard import NonFiniteGuard
-from training.optim import PLAN_AT, backward, build_optimizer, optimizer_step, plan_due, warmup_cosine
+from training.optim import backward, build_optimizer, mean_step_seconds, optimizer_step, plan_due, warmup_cosine
 from training.precision import autocast_and_scaler
 from training.state import (EpochSampler, commit_checkpoint, epoch_loader, loop_state, resolve_resume,
                             restore_loop_state)
@@ -465,9 +465,7 @@ class Trainer:
             if not self._record_step(metrics, DIFFUSION_KEYS, bar):
                 continue
             if plan_due(self.step - first):
-                # the first steps run slower (allocator, caches): later plans leave them out
-                timed = seconds[PLAN_AT[0]:] or seconds
-                self._plan_diffusion_phase(deadline, sum(timed) / len(timed))
+                self._plan_diffusion_phase(deadline, mean_step_seconds(seconds))
                 bar.total = self.diffusion_end
                 bar.refresh()
             if not t.val_every_steps and (self.step - self.joint_end) % self.steps_per_epoch == 0:

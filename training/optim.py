@@ -45,6 +45,12 @@ def plan_due(steps_done: int) -> bool:
     return steps_done in PLAN_AT or (steps_done > PLAN_AT[-1] and steps_done % REPLAN_EVERY == 0)
 
 
+def mean_step_seconds(seconds: list[float]) -> float:
+    """The mean time of the steps measured so far, leaving out the first PLAN_AT[0] (allocator, caches: slow)."""
+    timed = seconds[PLAN_AT[0]:] or seconds
+    return sum(timed) / len(timed)
+
+
 def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler=None) -> bool:
     """loss.backward() (scaled by an fp16 GradScaler); False, with the gradients cleared, when loss is not finite."""
     if not torch.isfinite(loss):
