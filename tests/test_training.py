@@ -19,7 +19,7 @@ from models.checkpoint import load_checkpoint, load_trainer_state, read_config
 from models.duet import DuetModel
 from training import loop
 from training.distributed import DistributedContext
-from training.optim import warmup_cosine
+from training.optim import backward, optimizer_step, warmup_cosine
 from training.state import EpochSampler
 
 # 32 images, one caption each per epoch, batch 8: 4 steps an epoch, 8 in all; checkpoints at 3, 6 and 8.
@@ -240,3 +240,19 @@ def test_warmup_then_cosine():
     after = [multiplier(s) for s in range(4, 21)]
     assert after[0] == pytest.approx(1.0) and after[-1] == pytest.approx(0.05)
     assert all(a >= b for a, b in zip(after, after[1:]))
+
+
+def test_fp16_overflow_lowers_the_loss_scale_then_steps():
+    """An overflowed step is skipped and the scale drops, so the next steps go through (CUDA's fp16 path; the
+    GradScaler logic is the same on the CPU)."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    results = []
+    for factor in (1e36, 1.0):   # 1e36 * 2**16 overflows float32
+        assert backward((weight * factor).sum(), optimizer, scaler)
+        results.append(optimizer_step(optimizer, schedule, [weight], 1.0, scaler))
+    assert results == [False, True]
+    assert scaler.get_scale() == 2.0 ** 15
+    assert weight.detach().lt(1).all() and weight.grad is None

@@ -68,6 +68,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, lr_schedule, params, max_gr
         scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
     if not torch.isfinite(grad_norm):
+        if scaler:
+            scaler.update()   # lowers the scale after an overflow; skipping it would overflow again every step
         optimizer.zero_grad(set_to_none=True)
         return False
     if scaler:
