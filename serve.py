@@ -20,7 +20,6 @@ from configs.errors import UserError  # noqa: E402
 from serving.settings import API_KEY_ENV, ServeSettings  # noqa: E402
 
 
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = ServeSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -116,9 +116,10 @@ class ImageTextGenerator:
         """texts[i] drawn with noise from seeds[i] (models.duet's one text-to-image path), so each image is the same
         alone or batched with others; negative_prompt: one for all or one per text. None: the checkpoint's sample
         default."""
-        for negative in [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt:
-            if negative:
-                self._check_prompt_length(negative)
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        for prompt in dict.fromkeys([*texts, *negatives]):   # each distinct prompt once, the server's included
+            if prompt:
+                self._check_prompt_length(prompt)
         return to_pil(self.model.generate_images(texts, seeds, num_inference_steps, guidance_scale, scheduler,
                                                  negative_prompt, batch_size))
 
@@ -149,7 +150,6 @@ class ImageTextGenerator:
             raise UserError(f"num_images must be at least 1, got {num_images}")
         if save_path is not None:
             check_writable(save_path)
-        self._check_prompt_length(text)
         images = self.generate([text] * num_images, seed_list(seed, num_images), num_inference_steps,
                                 guidance_scale, scheduler, negative_prompt)
         if save_path is not None:
@@ -183,8 +183,6 @@ class ImageTextGenerator:
         paths = [Path(save_dir) / f"{name}_{i:03d}.png" for i in range(len(texts))] if save_dir is not None else []
         if paths:
             check_writable(paths[0])
-        for text in texts:
-            self._check_prompt_length(text)
         images = self.generate(texts, seed_list(seed, len(texts)), num_inference_steps, guidance_scale, scheduler,
                                 negative_prompt, batch_size)
         for image, path in zip(images, paths):

@@ -24,8 +24,6 @@ from serving.settings import API_KEY_ENV
 from specialize.backends import Backend, fit_images
 
 
-
-
 class SdApiClient:
     """POST JSON to an A1111-style server; an HTTP error is a UserError carrying the server's own message."""
 
