@@ -74,8 +74,8 @@ def plain_diffusers_loop(model, texts: list[str], seeds: list[int], steps: int, 
     states = model.text_states(tokens["input_ids"], tokens["attention_mask"])
     scheduler = DDIMScheduler.from_config(model.diffusion.noise_scheduler.config)
     scheduler.set_timesteps(steps, device=device)
-    latents = torch.cat([torch.randn((1, *model.latent_shape), device=device,
-                                     generator=torch.Generator(device).manual_seed(s)) for s in seeds])
+    latents = torch.cat([torch.randn((1, *model.latent_shape), generator=torch.Generator().manual_seed(s))
+                         for s in seeds]).to(device)
     latents = latents * scheduler.init_noise_sigma
     cond = torch.cat([torch.zeros_like(states), states])
     mask = torch.cat([tokens["attention_mask"]] * 2)

@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", default="", help="sampling steps to sweep (default: the checkpoint's)")
     p.add_argument("--spacing", default="", help="timestep spacings to sweep (default: the checkpoint's)")
     p.add_argument("--scheduler", default="", help="samplers to sweep (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (where the model samples and captions)")
     return p.parse_args(argv)
 
 
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.generation import oracle_caption_accuracy, oracle_generation_accuracy
     from evaluation.suite import caption_one_thread, image_entries
     from models.checkpoint import load_checkpoint
+    from models.device import resolve_device
 
     result = {"load_average_before": [round(v, 2) for v in os.getloadavg()], "torch_threads": torch.get_num_threads()}
     try:
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint = Path(args.checkpoint)
         else:
             checkpoint, result["train"] = train(args)
-        model = load_checkpoint(checkpoint)
+        device = resolve_device(args.device)
+        model = load_checkpoint(checkpoint, device)
         cfg = model.config
         name = resolve_dataset_name(cfg)
         if name != "embedded":
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         with torch.no_grad():
             images = torch.stack([val.image_tensor(i) for i in range(count)])
-            captions = [c for s in range(0, count, 100) for c in caption_one_thread(model, images[s:s + 100])]
+            captions = [c for s in range(0, count, 100) for c in caption_one_thread(model, images[s:s + 100].to(device))]
         caption_summary = oracle_caption_accuracy(captions, scenes)
         result["captions"] = {"all": caption_summary["overall"]["all"],
                               "relation": caption_summary["two_objects"].get("relation"),
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             result["sweep"].append({"scheduler": scheduler, "steps": steps, "guidance": guidance, "spacing": spacing,
                                     "seconds": round(time.time() - t0, 1),
                                     **flat(oracle_generation_accuracy(generated, prompts))})
-        result.update({"checkpoint": str(checkpoint), "num_prompts": count,
+        result.update({"checkpoint": str(checkpoint), "num_prompts": count, "device": str(device),
                        "eval_minutes": round((time.time() - started) / 60, 2),
                        "load_average_after": [round(v, 2) for v in os.getloadavg()]})
     except UserError as err:

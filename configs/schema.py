@@ -48,6 +48,7 @@ class DataConfig:
     embedded_train_images: int = 20000
     embedded_val_images: int = 2000
     embedded_seed: int = 0
+    embedded_image_size: int = 64         # the side the world is drawn at; its geometry scales with it
     fashion_tints: list[str] = field(default_factory=lambda: ["white", "red", "green", "blue", "yellow"])
     fashion_train_images: int = 12000     # first N of Fashion-MNIST's 60k train file (generated in seconds)
     fashion_val_images: int = 2000        # first N of its 10k t10k file

@@ -50,7 +50,8 @@ def dataset_folder(cfg, name: str, create: bool = True) -> Path:
         from data.embedded import embedded_folder, ensure_embedded
 
         make = ensure_embedded if create else embedded_folder
-        return Path(make(root, d.embedded_train_images, d.embedded_val_images, d.embedded_seed))
+        return Path(make(root, d.embedded_train_images, d.embedded_val_images, d.embedded_seed,
+                         side=d.embedded_image_size))
     if name == "fashion":
         from data.fashion import ensure_fashion, fashion_folder
 

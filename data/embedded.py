@@ -1,8 +1,9 @@
 """The embedded world: procedurally drawn shapes with captions, written once as a COCO-caption dataset and cached.
 
-Layout under <root>/embedded-<train>x<val>-seed<seed>-v<FORMAT_VERSION>/ (one folder per parameter set, so the
-default, tiny and test worlds live side by side): captions_{train,val}.json (COCO caption format; each image entry
-also holds its ground-truth "scene") and the 64x64 PNGs in train/ and val/. Every image is a pure function of
+Layout under <root>/embedded-<train>x<val>-seed<seed>-v<FORMAT_VERSION>[-<side>px]/ (one folder per parameter set,
+so the default, tiny and test worlds live side by side): captions_{train,val}.json (COCO caption format; each image
+entry also holds its ground-truth "scene") and the PNGs in train/ and val/, 64x64 unless drawn at another side (the
+geometry scales with it, so a 256 px world shows the same scenes in finer detail). Every image is a pure function of
 (seed, split, index), so the same seed gives byte-identical files on any number of worker processes.
 """
 from __future__ import annotations
@@ -74,15 +75,17 @@ def sample_scene(rng: np.random.Generator, split: str) -> tuple[Scene, list[tupl
     return Scene(tuple(objects), relation), boxes
 
 
-def _render_chunk(task: tuple[str, str, int, int, int]) -> list[tuple[dict, list[str]]]:
-    """Draws and saves images [start, stop) of a split; returns (scene entry, captions) per image."""
-    folder, split, seed, start, stop = task
+def _render_chunk(task: tuple[str, str, int, int, int, int]) -> list[tuple[dict, list[str]]]:
+    """Draws and saves images [start, stop) of a split at side px; returns (scene entry, captions) per image (boxes
+    in the native canvas's pixels, whatever the side)."""
+    folder, split, seed, start, stop, side = task
+    scale = side / CANVAS_SIZE
     records = []
     for index in range(start, stop):
         rng = np.random.default_rng([seed, _STREAM[split], index])
         scene, boxes = sample_scene(rng, split)
-        items = [(o.shape, box, COLOUR_RGB[o.colour]) for o, box in zip(scene.objects, boxes)]
-        render_shapes(CANVAS_SIZE, BACKGROUND_RGB, items).save(Path(folder) / _file_name(index), format="PNG")
+        items = [(o.shape, tuple(v * scale for v in box), COLOUR_RGB[o.colour]) for o, box in zip(scene.objects, boxes)]
+        render_shapes(side, BACKGROUND_RGB, items).save(Path(folder) / _file_name(index), format="PNG")
         entry = scene.to_dict()
         for obj, box in zip(entry["objects"], boxes):
             obj["bbox"] = [round(float(v), 2) for v in box]
@@ -94,12 +97,12 @@ def _file_name(index: int) -> str:
     return f"{index + 1:06d}.png"
 
 
-def _coco_json(split: str, seed: int, records: list[tuple[dict, list[str]]]) -> dict:
+def _coco_json(split: str, seed: int, records: list[tuple[dict, list[str]]], side: int) -> dict:
     images, annotations = [], []
     for index, (scene, captions) in enumerate(records):
         image_id = index + 1
         held_out = Scene.from_dict(scene).has_held_out()
-        images.append({"id": image_id, "file_name": _file_name(index), "width": CANVAS_SIZE, "height": CANVAS_SIZE,
+        images.append({"id": image_id, "file_name": _file_name(index), "width": side, "height": side,
                        "license": 1, "scene": scene, "held_out": held_out})
         annotations.extend({"id": len(annotations) + 1, "image_id": image_id, "caption": c} for c in captions)
     return {
@@ -113,8 +116,9 @@ def _coco_json(split: str, seed: int, records: list[tuple[dict, list[str]]]) -> 
     }
 
 
-def _manifest(train_images: int, val_images: int, seed: int) -> dict:
-    return {"format_version": FORMAT_VERSION, "train_images": train_images, "val_images": val_images, "seed": seed}
+def _manifest(train_images: int, val_images: int, seed: int, side: int) -> dict:
+    manifest = {"format_version": FORMAT_VERSION, "train_images": train_images, "val_images": val_images, "seed": seed}
+    return manifest if side == CANVAS_SIZE else {**manifest, "side": side}
 
 
 def _is_complete(folder: Path, manifest: dict) -> bool:
@@ -125,12 +129,12 @@ def _is_complete(folder: Path, manifest: dict) -> bool:
         return False
 
 
-def _generate(folder: Path, train_images: int, val_images: int, seed: int, workers: int) -> None:
+def _generate(folder: Path, train_images: int, val_images: int, seed: int, workers: int, side: int) -> None:
     counts = {"train": train_images, "val": val_images}
     tasks = []
     for split in SPLITS:
         (folder / split).mkdir(parents=True)
-        tasks += [(str(folder / split), split, seed, start, min(start + _CHUNK, counts[split]))
+        tasks += [(str(folder / split), split, seed, start, min(start + _CHUNK, counts[split]), side)
                   for start in range(0, counts[split], _CHUNK)]
     if workers > 1 and len(tasks) > 1 and "fork" in multiprocessing.get_all_start_methods():
         # fork: spawn would re-import the caller's __main__ (torch and all) in each worker.
@@ -140,32 +144,38 @@ def _generate(folder: Path, train_images: int, val_images: int, seed: int, worke
         chunks = [_render_chunk(task) for task in tasks]
     for split in SPLITS:
         records = [r for task, chunk in zip(tasks, chunks) if task[1] == split for r in chunk]
-        text = json.dumps(_coco_json(split, seed, records), separators=(",", ":"))
+        text = json.dumps(_coco_json(split, seed, records, side), separators=(",", ":"))
         (folder / f"captions_{split}.json").write_text(text)
-    (folder / "manifest.json").write_text(json.dumps(_manifest(train_images, val_images, seed)))
+    (folder / "manifest.json").write_text(json.dumps(_manifest(train_images, val_images, seed, side)))
 
 
-def embedded_folder(root: str | Path, train_images: int, val_images: int, seed: int = 0) -> Path:
+def embedded_folder(root: str | Path, train_images: int, val_images: int, seed: int = 0,
+                    side: int = CANVAS_SIZE) -> Path:
     """Where the world of these parameters lives (whether or not it is generated yet)."""
-    return Path(root) / f"embedded-{train_images}x{val_images}-seed{seed}-v{FORMAT_VERSION}"
+    size = "" if side == CANVAS_SIZE else f"-{side}px"
+    return Path(root) / f"embedded-{train_images}x{val_images}-seed{seed}-v{FORMAT_VERSION}{size}"
 
 
 def ensure_embedded(root: str | Path, train_images: int, val_images: int, seed: int = 0,
-                    workers: int | None = None) -> Path:
+                    workers: int | None = None, side: int = CANVAS_SIZE) -> Path:
     """Returns embedded_folder(root, ...), generating it first unless a complete copy is there.
 
     Each parameter set has its own folder, so other counts or another seed never replace a world another run
     uses. Generation goes to a temporary folder renamed into place when complete (see write_once), so a killed
-    run is never read as a dataset. workers: processes (default: up to 2).
+    run is never read as a dataset. workers: processes (default: up to 8). side: the images' side in pixels.
     """
-    for name, value in (("data.embedded_train_images", train_images), ("data.embedded_val_images", val_images)):
+    for name, value in (("data.embedded_train_images", train_images), ("data.embedded_val_images", val_images),
+                        ("data.embedded_image_size", side)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a whole number >= 1, got {value!r}")
-    manifest = _manifest(train_images, val_images, seed)
-    workers = workers or min(2, os.cpu_count() or 1)
-    return write_once(embedded_folder(root, train_images, val_images, seed),
+    if side < CANVAS_SIZE // 2:
+        raise UserError(f"data.embedded_image_size must be at least {CANVAS_SIZE // 2} (small shapes would vanish), "
+                        f"got {side}")
+    manifest = _manifest(train_images, val_images, seed, side)
+    workers = workers or min(8, os.cpu_count() or 1)
+    return write_once(embedded_folder(root, train_images, val_images, seed, side),
                       lambda folder: _is_complete(folder, manifest),
-                      lambda tmp: _generate(tmp, train_images, val_images, seed, workers))
+                      lambda tmp: _generate(tmp, train_images, val_images, seed, workers, side))
 
 
 def read_split(folder: str | Path, split: str) -> list[dict]:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DConditionModel)
 from diffusers.training_utils import compute_snr
+from diffusers.utils.torch_utils import randn_tensor
 
 from configs.errors import UserError
 from configs.schema import ModelConfig
@@ -168,11 +169,10 @@ class LatentDiffusion(nn.Module):
         unconditional pass. uncond: (states, mask, pooled) of the unconditional branch (a negative prompt); None
         is the null condition of training, all-zero states with the prompt's mask."""
         B, device = text_states.shape[0], text_states.device
-        per_image = isinstance(generator, list)  # one generator per image keeps batched output equal to one-by-one
-        if per_image:
-            latents = torch.cat([torch.randn((1, *latent_shape), generator=g, device=device) for g in generator])
-        else:
-            latents = torch.randn((B, *latent_shape), generator=generator, device=device)
+        # One generator per image keeps batched output equal to one-by-one; CPU generators (drawn on the CPU, then
+        # moved) make a seed's image the same on a GPU as on the CPU.
+        per_image = isinstance(generator, list)
+        latents = randn_tensor((B, *latent_shape), generator=generator, device=device)
         scheduler.set_timesteps(num_inference_steps, device=device)
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
         guided = guidance_scale != 1.0

@@ -45,6 +45,13 @@ class DuetModel(nn.Module):
         bert, tokenizer = load_text_backbone(cfg.model.text_encoder)
         return cls(cfg, bert, tokenizer)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recomputes the UNet's blocks (and a trained BERT's layers) in the backward pass instead of keeping their
+        activations: less memory for more compute, the same gradients."""
+        self.diffusion.unet.enable_gradient_checkpointing()
+        if not self.text_encoder.frozen:
+            self.text_encoder.bert.gradient_checkpointing_enable()
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         m = self.config.model
@@ -166,7 +173,7 @@ class DuetModel(nn.Module):
 
     def _generate_batch(self, texts, seeds, negatives, scheduler, steps, guidance_scale) -> torch.Tensor:
         device = self.logit_scale.device
-        generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]   # CPU: the same noise on any device
         tokens = self.tokenize(texts)
         states, pooled = self.text_condition(tokens["input_ids"], tokens["attention_mask"])
         uncond = None

@@ -13,7 +13,7 @@ from PIL import Image
 import data.embedded as embedded
 from configs.errors import UserError
 from data.embedded import HELD_OUT_COMBOS, embedded_folder, ensure_embedded, read_split, world_prompts
-from data.oracle import compare, parse_caption
+from data.oracle import compare, parse_caption, read_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,6 +42,16 @@ def test_coco_json_reads_with_pycocotools(world):
             assert 1 <= len(image["scene"]["objects"]) <= 2
         tree = json.loads((world / f"captions_{split}.json").read_text())
         assert {"info", "licenses", "images", "annotations"} <= set(tree)
+
+
+def test_a_world_drawn_larger_shows_the_same_scenes(world, tmp_path):
+    large = ensure_embedded(tmp_path, 200, 100, seed=0, side=128, workers=1)
+    assert large.name == "embedded-200x100-seed0-v2-128px"
+    for small_record, record in list(zip(read_split(world, "val"), read_split(large, "val")))[:40]:
+        assert record["captions"] == small_record["captions"] and record["scene"] == small_record["scene"]
+        with Image.open(record["path"]) as im:
+            assert im.size == (128, 128)
+            assert compare(read_image(im), record["scene"])["all"]
 
 
 def test_held_out_pairs_only_in_val(world):

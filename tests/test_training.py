@@ -24,7 +24,7 @@ from training.state import EpochSampler
 
 # 32 images, one caption each per epoch, batch 8: 4 steps an epoch, 8 in all; checkpoints at 3, 6 and 8.
 RUN = {"data.limit_train": 32, "data.caption_mode": "random", "train.epochs": 2, "train.save_every_steps": 3}
-TRAIN_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i", "lr")
+TRAIN_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i", "lr", "step_seconds")
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,22 @@ def test_near_chance_guard_warns_once(capsys):
     trainer.step = 40  # still within warmup + 50 steps
     assert guard(trainer, at_chance, False) is False
     assert capsys.readouterr().err == ""
+
+
+def test_a_config_sized_for_a_gpu_says_so_on_the_cpu_with_its_first_step(tiny_bert, data_root, tmp_path, capsys,
+                                                                         monkeypatch):
+    from training import pace
+
+    cfg = load_config("tiny", overrides(tiny_bert, data_root, tmp_path / "small", **{"train.max_steps": 2}))
+    loop.run(cfg)
+    assert "sized for a GPU" not in capsys.readouterr().err
+    monkeypatch.setattr(pace, "GPU_SIZED_PARAMETERS", 1000)   # the tiny model counts as the coco preset's
+    cfg = load_config("tiny", overrides(tiny_bert, data_root, tmp_path / "big", **{"train.max_steps": 3}))
+    loop.run(cfg)
+    err = capsys.readouterr().err
+    assert "sized for a GPU, and this run found only the CPU" in err
+    (note,) = [line for line in err.splitlines() if line.startswith("first step:")]
+    assert "the 2 steps left would take about" in note
 
 
 def test_epoch_sampler_shards_and_skips():

@@ -8,7 +8,7 @@ recomputes the same values from the checkpoint's frozen weights.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 ENCODE_BATCH = 256
 BERT_BATCH = 512
+GPU_SHARE = 0.25     # the features move to the GPU when they take at most this share of its free memory
 
 
 @dataclass
@@ -32,6 +33,13 @@ class FrozenFeatures:
 
     def __len__(self) -> int:
         return len(self.image)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.latents, self.tokens, self.readable, self.hidden, self.mask, self.image))
+
+    def to(self, device: torch.device) -> "FrozenFeatures":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def cached_caption_rows(offsets: np.ndarray, per_image: int) -> np.ndarray:
@@ -99,12 +107,20 @@ def build_frozen_features(model, dataset, captions_per_image: int, device: torch
     return FrozenFeatures(latents, tokens, readable, hidden, mask, image)
 
 
+def place_features(features: FrozenFeatures, device: torch.device) -> FrozenFeatures:
+    """On a GPU with room for them, the features move there: a step then gathers its batch without host copies."""
+    if device.type != "cuda" or features.nbytes > GPU_SHARE * torch.cuda.mem_get_info(device)[0]:
+        return features
+    return features.to(device)
+
+
 def diffusion_phase_losses(model, features: FrozenFeatures, dataset, rows: torch.Tensor, captions: torch.Tensor,
                            images: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
     """The diffusion phase's loss on cached features: diffusion on the cached captions `rows` (with their images'
     latents), the caption decoder on dataset caption rows `captions` (any of an image's captions: it needs token
     ids only), the image decoder on the latents of image positions `images`. Same keys as the joint phase logs."""
     f = features
+    rows, images = rows.to(f.image.device), images.to(f.image.device)     # the features may live on the GPU
     mask = f.mask[rows].to(device)
     embeds, states = model.text_encoder.heads(f.hidden[rows].to(device).float(), mask)
     diff = model.diffusion.training_loss(f.latents[f.image[rows]].to(device), states, mask,
@@ -113,9 +129,9 @@ def diffusion_phase_losses(model, features: FrozenFeatures, dataset, rows: torch
     ids_mask = torch.from_numpy(dataset.attention_mask[picked].astype(np.int64))
     longest = int(ids_mask.sum(1).max())
     ids = torch.from_numpy(dataset.input_ids[picked, :longest].astype(np.int64)).to(device)
-    memory = f.tokens[torch.from_numpy(dataset.index.caption_image[picked])].to(device)
+    memory = f.tokens[torch.from_numpy(dataset.index.caption_image[picked]).to(f.tokens.device)].to(device)
     cap = model.caption_decoder.loss(ids, ids_mask[:, :longest].to(device), memory)
-    pixels = torch.stack([dataset.image_tensor(int(i)) for i in images]).to(device)
+    pixels = torch.stack([dataset.image_tensor(int(i)) for i in images.tolist()]).to(device)
     img_rec = F.mse_loss(model.image_decoder(f.latents[images].to(device) / model.latent_scale).float(), pixels)
     t = model.config.train
     rec = img_rec + cap

@@ -29,9 +29,10 @@ from models.duet import DuetModel
 from models.text_encoder import load_text_backbone
 from training.distributed import (DistributedContext, all_reduce_grads, all_reduce_mean, init_distributed,
                                   shutdown_distributed)
-from training.features import build_frozen_features, diffusion_phase_losses
+from training.features import build_frozen_features, diffusion_phase_losses, place_features
 from training.guard import NonFiniteGuard
 from training.optim import backward, build_optimizer, mean_step_seconds, optimizer_step, plan_due, warmup_cosine
+from training.pace import StepClock, first_step_note, gpu_sized_on_cpu, peak_memory_gib
 from training.precision import autocast_and_scaler
 from training.state import (EpochSampler, commit_checkpoint, epoch_loader, loop_state, resolve_resume,
                             restore_loop_state)
@@ -128,8 +129,7 @@ class Trainer:
             self.model.caption_decoder.set_vocabulary(vocabulary)
         self.model.to(ctx.device).train()
         if t.gradient_checkpointing:
-            self.model.diffusion.unet.enable_gradient_checkpointing()
-            self.model.text_encoder.bert.gradient_checkpointing_enable()
+            self.model.enable_gradient_checkpointing()
 
         self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed, ctx.rank, ctx.world_size)
         self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // t.grad_accum_steps)
@@ -161,6 +161,7 @@ class Trainer:
         if self.skipped_at_build:
             _log(ctx, f"{self.skipped_at_build} unreadable train images skipped (left out of the image cache)")
         self.window, self.warned, self.last_val_step, self.final_cost = [], False, -1, 0.0
+        self.clock, self.time_first_step = StepClock(), False
         self.plan_restored = False   # a resumed diffusion phase keeps the length its first process planned
         self.autocast, self.scaler = autocast_and_scaler(t.mixed_precision, ctx.device)
         if resume_dir is not None:
@@ -265,6 +266,7 @@ class Trainer:
         readable = self.features.readable.numpy()
         self.readable_images = torch.from_numpy(readable.nonzero()[0])
         self.caption_rows = torch.from_numpy(readable[self.train_set.index.caption_image].nonzero()[0])
+        self.features = place_features(self.features, self.ctx.device)
         _log(self.ctx, f"diffusion phase from step {self.step}: encoders frozen; cached the latents of "
                        f"{len(self.readable_images)} images and the BERT states of {len(self.features)} captions "
                        f"in {time.time() - started:.0f} s")
@@ -307,7 +309,9 @@ class Trainer:
         """Mean losses and in-batch accuracy over the first val_batches val batches, with fixed noise."""
         self.model.eval()
         sums, count = {k: 0.0 for k in LOG_KEYS}, 0
-        with torch.random.fork_rng(devices=[]), self.autocast():
+        # fixed noise that leaves the run's own streams (CPU and CUDA) where they were
+        cuda = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), self.autocast():
             torch.manual_seed(0)
             for i, batch in enumerate(self._loader(self.val_set)):
                 if i >= self.cfg.train.val_batches:
@@ -349,6 +353,7 @@ class Trainer:
         folder = save_checkpoint(self.model, self.run_dir / name, ema=self.ema, trainer_state=state)
         if name.startswith(CHECKPOINT_PREFIX):
             commit_checkpoint(self.run_dir, folder, self.cfg.train.keep_checkpoints)
+        self.clock.restart()
         return folder
 
     def _after_validation(self, val: dict) -> None:
@@ -378,17 +383,22 @@ class Trainer:
     def _record_step(self, metrics: dict | None, keys: tuple[str, ...], bar) -> bool:
         """Bookkeeping after a step: NaN guard, progress bar, log rows, validation. False when it was skipped."""
         t = self.cfg.train
+        seconds = self.clock.tick()
         if not self.guard.check(metrics is not None, self.step):
             return False
         self.step += 1
+        if self.time_first_step:
+            _log(self.ctx, first_step_note(seconds, self.total_steps - self.step, t.max_minutes))
+            self.time_first_step = False
         if "i2t" in metrics:
             self.window = (self.window + [metrics])[-50:]
             self.warned = self._guard_chance(self.window, self.warned)
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.3f}" for k in keys}, refresh=False)
         if self.step % t.log_every_steps == 0:
-            self._write_metrics({"step": self.step, "epoch": self.epoch,
-                                 "lr": self.lr_schedule.get_last_lr()[0], **metrics})
+            pace = {"step_seconds": self.clock.take(), "peak_memory_gib": peak_memory_gib(self.ctx.device)}
+            self._write_metrics({"step": self.step, "epoch": self.epoch, "lr": self.lr_schedule.get_last_lr()[0],
+                                 **metrics, **{k: v for k, v in pace.items() if v is not None}})
         if t.val_every_steps and self.step % t.val_every_steps == 0:
             self._validate_and_sample()
         return True
@@ -398,6 +408,7 @@ class Trainer:
         self._after_validation(self.validate())
         self.last_val_step = self.step
         self.final_cost = max(self.final_cost, time.time() - started)
+        self.clock.restart()
 
     def _fit_joint(self, deadline: float, bar) -> bool:
         """The joint phase, epoch by epoch, up to self.joint_end; True when it stopped on the deadline."""
@@ -456,6 +467,7 @@ class Trainer:
         t, ctx = self.cfg.train, self.ctx
         if self.features is None:
             self._enter_diffusion_phase()
+            self.clock.restart()
         bar.set_description("diffusion")
         first, seconds = self.step, []
         while self.step < self.diffusion_end and time.time() + self.final_cost < deadline:
@@ -479,7 +491,12 @@ class Trainer:
             (self.run_dir / CONFIG_FILE).write_text(config_to_json(self.cfg))
         self._truncate_metrics()
         deadline = self.started + t.max_minutes * 60 if t.max_minutes else math.inf
+        notice = gpu_sized_on_cpu(self.model, ctx.device)
+        if notice:
+            _log(ctx, notice)
+            self.time_first_step = True
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True)
+        self.clock.restart()
         try:
             out_of_time = self.step < self.joint_end and self._fit_joint(deadline, bar)
             if not out_of_time and self.joint_end <= self.step < self.total_steps:
