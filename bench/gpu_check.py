@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--embedded-minutes", type=float, help="the embedded run's budget (default 3; --quick 1.5)")
     p.add_argument("--coco-minutes", type=float, help="the coco256 run's budget (default 2; --quick 1)")
     p.add_argument("--num-prompts", type=int, help="prompts the oracle reads (default 200; --quick 40)")
-    p.add_argument("--serve-seconds", type=float, help="load per serving mode (default 8; --quick 3)")
+    p.add_argument("--serve-seconds", type=float, help="load per serving mode (default 5; --quick 3)")
     p.add_argument("--cpu-reference", default=str(ROOT / "docs" / "gpu_check_cpu.json"),
                    help="an earlier --device cpu run's JSON, whose step times the GPU's are compared with")
     p.add_argument("--quick", action="store_true", help="short runs, small worlds and batches: the dry run")
@@ -236,16 +237,25 @@ def read_reference(args) -> dict:
     return json.loads(path.read_text()).get("embedded", {})
 
 
+def parameter_counts(checkpoint: Path) -> dict:
+    """Millions of parameters in a checkpoint's UNet and in all of it, read from its safetensors headers."""
+    from safetensors import safe_open
+
+    counts = {}
+    for path in checkpoint.glob("**/*.safetensors"):
+        if path.parent.name == "unet_ema":
+            continue
+        with safe_open(path, "pt") as f:
+            counts[path.parent.name] = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return {"unet_params_m": round(counts.get("unet", 0) / 1e6, 1), "params_m": round(sum(counts.values()) / 1e6, 1)}
+
+
 def coco_section(args, results: dict) -> dict:
     from configs.loading import load_config
-    from models.duet import DuetModel
 
     cfg = load_config("coco", overrides(args, "coco256", 1))
-    model = DuetModel.build(cfg)
-    sizes = {"unet_params_m": round(sum(p.numel() for p in model.diffusion.unet.parameters()) / 1e6, 1),
-             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1)}
-    del model
     run_dir, rows, report = train(args, "coco256", args.coco_minutes)
+    sizes = parameter_counts(last_checkpoint(run_dir))
     train_rows = [r for r in rows if "cont" in r]
     report.update(model=sizes, image_size=cfg.model.image_size, batch_size=cfg.train.batch_size,
                   mixed_precision=cfg.train.mixed_precision, pace=pace(train_rows, cfg.train.batch_size))
@@ -291,7 +301,7 @@ def sampling_section(args, results: dict) -> dict:
 
 def serve_section(args, results: dict) -> dict:
     command = [sys.executable, "bench/serve_load.py", "--checkpoint", results["_checkpoints"]["embedded"],
-               "--device", args.device, "--threads", "0", "--clients", "16", "--seconds", str(args.serve_seconds)]
+               "--device", args.device, "--threads", "0", "--clients", "8", "--seconds", str(args.serve_seconds)]
     code, out, err = run(command, args, 300)
     if code != 0:
         raise RuntimeError(f"serve_load.py exited {code}:\n{tail(out + err)}")
@@ -306,7 +316,7 @@ def serve_section(args, results: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     for name, full, quick in (("embedded_minutes", 3.0, 1.5), ("coco_minutes", 2.0, 1.0), ("num_prompts", 200, 40),
-                              ("serve_seconds", 8.0, 3.0)):
+                              ("serve_seconds", 5.0, 3.0)):
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
     wanted = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -61,7 +61,9 @@ class ImageTextGenerator:
             absent, or an adapter that does not fit.
 
     Sampling uses the EMA UNet when the checkpoint has one. Every image a call makes gets its own generator,
-    seeded seed+i, so batched output equals one-by-one output and a seed reproduces an image exactly.
+    seeded seed+i, so batched output equals one-by-one output and a seed reproduces an image: exactly on the CPU,
+    to within rounding on a GPU (whose kernels are not bit-deterministic), and the same image on either (the noise
+    is drawn on the CPU).
     """
 
     def __init__(self, checkpoint: str | Path | None = None, device: str | torch.device | None = None,

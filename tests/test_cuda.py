@@ -145,8 +145,10 @@ def test_sampling_is_the_same_batched_and_alone(model_on_device):
     batched = model_on_device.generate_images(PROMPTS, seeds, steps=4)
     alone = torch.cat([model_on_device.generate_images([p], [s], steps=4) for p, s in zip(PROMPTS, seeds)])
     assert (batched - alone).abs().max() < 2e-3   # batched kernels may round differently
+    # On the GPU the same call twice may differ in the last bits (its kernels are not bit-deterministic; seen on
+    # an H200): a seed reproduces an image to within rounding there, exactly on the CPU.
     again = model_on_device.generate_images(PROMPTS, seeds, steps=4)
-    assert torch.equal(batched, again)
+    assert (batched - again).abs().max() < 1e-3 and (DEVICE.type == "cuda" or torch.equal(batched, again))
     assert (batched[0] - batched[1]).abs().mean() > 1e-2
 
 
