@@ -4,7 +4,7 @@ embedded world's oracle. Same features, prompts and seeds for every row, so rows
 JSON object per run; asserts nothing.
 
     python bench/t2i_levers.py --checkpoint outputs/embedded/checkpoint-000200 --minutes 4
-    python bench/t2i_levers.py --checkpoint ... --minutes 4 --set model.diffusion_objective=flow sample.scheduler=euler
+    python bench/t2i_levers.py --checkpoint ... --minutes 4 --set model.diffusion_objective=epsilon sample.scheduler=euler
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="a checkpoint whose encoders are frozen from here on")
     p.add_argument("--minutes", type=float, default=4.0, help="training budget of the UNet")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="model.* (the UNet), train.* (diffusion_batch_size, diffusion_learning_rate, snr_gamma, "
+                   help="model.* (the UNet), train.* (diffusion_batch_size, diffusion_learning_rate, "
                         "ema_decay, diffusion_captions_per_image) and sample.* overrides")
     p.add_argument("--num-prompts", type=int, default=240, help="val images whose first caption is a prompt")
     p.add_argument("--guidance-scale", default="", help="extra guidance scales to read besides sample.guidance_scale")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         result["feature_seconds"] = round(seconds, 1)
         torch.manual_seed(args.seed)
         model.config = cfg
-        model.diffusion = LatentDiffusion(cfg.model, cfg.train.diffusion_timesteps, snr_gamma=cfg.train.snr_gamma)
+        model.diffusion = LatentDiffusion(cfg.model, cfg.train.diffusion_timesteps)
         # fresh text-state modules as the config describes them; the aligned embedding stays the checkpoint's
         text_encoder = TextEncoder(cfg.model, model.text_encoder.bert)
         text_encoder.embed.load_state_dict(model.text_encoder.embed.state_dict())

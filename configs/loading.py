@@ -139,8 +139,8 @@ def validate(cfg: DuetConfig) -> DuetConfig:
         raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got '{t.mixed_precision}'")
     if d.caption_mode not in ("pairs", "random"):
         raise UserError(f"data.caption_mode must be pairs or random, got '{d.caption_mode}'")
-    if m.diffusion_objective not in ("epsilon", "v_prediction", "flow"):
-        raise UserError(f"model.diffusion_objective must be epsilon, v_prediction or flow, got '{m.diffusion_objective}'")
+    if m.diffusion_objective not in ("epsilon", "v_prediction"):
+        raise UserError(f"model.diffusion_objective must be epsilon or v_prediction, got '{m.diffusion_objective}'")
     if min(t.joint_steps, t.diffusion_batch_size, t.diffusion_captions_per_image, t.image_decoder_batch_size,
            t.caption_batch_size) < 0:
         raise UserError("train.joint_steps, train.diffusion_batch_size, train.diffusion_captions_per_image, "
@@ -166,9 +166,18 @@ def config_to_dict(cfg: DuetConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Knobs that measurements rejected and this version removed, with the value that meant "off": a saved config that
+# has them off still loads; one trained with them on is refused by name.
+RETIRED = {"model.unet_text_time_embedding": False, "train.snr_gamma": 0.0}
+
+
 def config_from_dict(tree: dict) -> DuetConfig:
     """Rebuilds a saved config; keys this version does not know are an error naming the key."""
-    return validate(apply(DuetConfig(), _flatten(tree, "saved config")))
+    flat = _flatten(tree, "saved config")
+    for key, off in RETIRED.items():
+        if key in flat and flat.pop(key) != off:
+            raise UserError(f"{key} was used to train this model; this version no longer supports it")
+    return validate(apply(DuetConfig(), flat))
 
 
 def config_to_json(cfg: DuetConfig) -> str:

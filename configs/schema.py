@@ -28,8 +28,7 @@ class ModelConfig:
     max_caption_len: int = 32
     caption_vocab_size: int = 0           # 0: whole tokenizer; set from the training captions
     cond_drop_prob: float = 0.1           # text condition dropped for classifier-free guidance
-    diffusion_objective: str = "epsilon"  # epsilon | v_prediction | flow (rectified flow)
-    unet_text_time_embedding: bool = False  # pooled text states added to the UNet's time embedding
+    diffusion_objective: str = "epsilon"  # epsilon | v_prediction
     unet_coord_channels: bool = False     # x/y coordinate channels concatenated to the UNet's input
     unet_pooled_embedding: bool = False   # the aligned text embedding added to the time embedding
     dropout: float = 0.1
@@ -70,7 +69,6 @@ class TrainConfig:
     recon_weight: float = 0.5
     diffusion_weight: float = 0.1
     diffusion_timesteps: int = 1000
-    snr_gamma: float = 0.0                # min-SNR-gamma loss weighting (5 is the paper's); 0: plain MSE
     # The diffusion phase: after joint_steps joint steps, the image encoder, BERT and the alignment heads freeze
     # and the rest of the run trains the UNet (and both decoders) on their cached outputs. 0: joint throughout.
     joint_steps: int = 0
@@ -102,7 +100,7 @@ class TrainConfig:
 class SampleConfig:
     """How images are sampled unless a caller says otherwise: training's sample sheets, inference, evaluation and
     specialisation all read these from the checkpoint's config."""
-    scheduler: str = "ddim"               # ddim | dpm++ | euler | ddpm (flow models: euler | heun)
+    scheduler: str = "ddim"               # ddim | dpm++ | euler | euler_a | ddpm
     steps: int = 25
     guidance_scale: float = 3.0
     timestep_spacing: str = "trailing"    # trailing starts at the last training timestep (pure noise); or leading

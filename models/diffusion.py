@@ -1,8 +1,6 @@
 """Latent diffusion: a diffusers UNet2DConditionModel denoiser + a diffusers scheduler; the UNet never sees betas.
 
-Objectives (model.diffusion_objective): "epsilon" (DDPM's), "v_prediction" (Salimans & Ho), both on the cosine
-schedule and optionally weighted by min-SNR-gamma (Hang et al., diffusers' compute_snr), or "flow" (rectified
-flow, SD3's: x_t = (1 - s) x_0 + s noise, the UNet predicts noise - x_0) with FlowMatchEulerDiscreteScheduler.
+Objectives (model.diffusion_objective): "epsilon" (DDPM's) or "v_prediction" (Salimans & Ho), on the cosine schedule.
 """
 from __future__ import annotations
 
@@ -12,34 +10,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UNet2DConditionModel)
-from diffusers.training_utils import compute_snr
+                       EulerDiscreteScheduler, UNet2DConditionModel)
 from diffusers.utils.torch_utils import randn_tensor
 
 from configs.errors import UserError
 from configs.schema import ModelConfig
 
-OBJECTIVES = ("epsilon", "v_prediction", "flow")
+OBJECTIVES = ("epsilon", "v_prediction")
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm++": DPMSolverMultistepScheduler,
               "dpm-solver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
               "euler_a": EulerAncestralDiscreteScheduler}
-FLOW_SCHEDULERS = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
-# For the flow objective, the DDPM-family names map to its own samplers (one flag works for every checkpoint).
-FLOW_ALIASES = {"ddim": "euler", "ddpm": "euler", "dpm++": "euler", "dpm-solver++": "euler"}
 COORD_CHANNELS = 2   # x and y in [-1, 1], concatenated to the UNet's input when model.unet_coord_channels
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
     """Cross-attention at every resolution: the captions' words are all about where and what.
 
-    unet_text_time_embedding adds an attention-pooled text embedding to the time embedding (diffusers'
-    addition_embed_type="text"), so every ResNet block sees the prompt, not only the attention layers;
-    unet_coord_channels gives each position its coordinates (CoordConv), so "left" and "top" have somewhere to bind.
+    unet_pooled_embedding adds the aligned text embedding to the time embedding, so every ResNet block sees the
+    prompt, not only the attention layers; unet_coord_channels gives each position its coordinates (CoordConv), so
+    "left" and "top" have somewhere to bind.
     """
     levels = len(cfg.unet_block_out_channels)
     extra = {}
-    if cfg.unet_text_time_embedding:
-        extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": max(1, cfg.cond_dim // 32)}
     if cfg.unet_pooled_embedding:
         # the text encoder's aligned embedding (B, embed_dim), through an MLP, added to the time embedding
         extra.update(class_embed_type="projection", projection_class_embeddings_input_dim=cfg.embed_dim)
@@ -61,15 +53,9 @@ def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
 def build_noise_scheduler(timesteps: int, objective: str = "epsilon"):
     if objective not in OBJECTIVES:
         raise UserError(f"unknown model.diffusion_objective '{objective}'; choose one of {', '.join(OBJECTIVES)}")
-    if objective == "flow":
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=timesteps, shift=1.0)
     # The cosine schedule (Nichol & Dhariwal) suits small latents better than SD's scaled_linear.
     return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
                          prediction_type=objective, clip_sample=False)
-
-
-def is_flow(noise_scheduler) -> bool:
-    return isinstance(noise_scheduler, (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler))
 
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -87,11 +73,6 @@ def sampling_scheduler(name: str, noise_scheduler, timestep_spacing: str = "trai
     key = name.lower()
     if timestep_spacing not in SPACINGS:
         raise UserError(f"unknown timestep spacing '{timestep_spacing}'; choose one of {', '.join(SPACINGS)}")
-    if is_flow(noise_scheduler):
-        key = FLOW_ALIASES.get(key, key)
-        if key not in FLOW_SCHEDULERS:
-            raise UserError(f"unknown scheduler '{name}' for a flow model; choose one of {', '.join(FLOW_SCHEDULERS)}")
-        return FLOW_SCHEDULERS[key].from_config(noise_scheduler.config)
     if key not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; choose one of {', '.join(SCHEDULERS)}")
     extra = {"algorithm_type": "dpmsolver++"} if SCHEDULERS[key] is DPMSolverMultistepScheduler else {}
@@ -102,12 +83,11 @@ class LatentDiffusion(nn.Module):
     """The denoiser on normalised latents (B, Lc, h, w), conditioned on text_states (B, T, cond_dim)."""
 
     def __init__(self, cfg: ModelConfig, timesteps: int, unet: UNet2DConditionModel | None = None,
-                 noise_scheduler=None, snr_gamma: float = 0.0):
+                 noise_scheduler=None):
         super().__init__()
         self.unet = unet if unet is not None else build_unet(cfg)
         self.noise_scheduler = noise_scheduler or build_noise_scheduler(timesteps, cfg.diffusion_objective)
         self.cond_drop_prob = cfg.cond_drop_prob
-        self.snr_gamma = snr_gamma
         self.coord_channels = self.unet.config.in_channels - self.unet.config.out_channels
 
     def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
@@ -140,25 +120,12 @@ class LatentDiffusion(nn.Module):
         states = text_states * keep
         if pooled is not None:
             pooled = pooled * keep[:, 0]
-        steps = self.noise_scheduler.config.num_train_timesteps
-        if is_flow(self.noise_scheduler):
-            # Logit-normal times (SD3): most samples where the velocity is hardest to guess.
-            sigmas = torch.sigmoid(torch.randn(B, device=device))
-            s = sigmas.view(B, 1, 1, 1)
-            pred = self.denoise((1 - s) * latents + s * noise, sigmas * steps, states, text_mask, pooled)
-            return F.mse_loss(pred.float(), (noise - latents).float())
-        timesteps = torch.randint(0, steps, (B,), device=device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (B,), device=device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         pred = self.denoise(noisy, timesteps, states, text_mask, pooled)
         objective = self.noise_scheduler.config.prediction_type
         target = noise if objective == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        if not self.snr_gamma:
-            return F.mse_loss(pred.float(), target.float())
-        # min-SNR-gamma: caps the weight of nearly clean timesteps, whose easy gradients crowd out the rest.
-        snr = compute_snr(self.noise_scheduler, timesteps).clamp(min=1e-8)
-        weight = snr.clamp(max=self.snr_gamma) / (snr + 1 if objective == "v_prediction" else snr)
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return (per_sample * weight).mean()
+        return F.mse_loss(pred.float(), target.float())
 
     @torch.no_grad()
     def sample(self, text_states: torch.Tensor, text_mask: torch.Tensor, latent_shape: tuple[int, ...],

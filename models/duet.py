@@ -33,7 +33,7 @@ class DuetModel(nn.Module):
         self.caption_decoder = CaptionDecoder(
             m, self.image_encoder.token_dim, bert.config.vocab_size, bos_id=tokenizer.cls_token_id,
             eos_id=tokenizer.sep_token_id, pad_id=tokenizer.pad_token_id, unk_id=tokenizer.unk_token_id)
-        self.diffusion = LatentDiffusion(m, cfg.train.diffusion_timesteps, unet, noise_scheduler, cfg.train.snr_gamma)
+        self.diffusion = LatentDiffusion(m, cfg.train.diffusion_timesteps, unet, noise_scheduler)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial temperature
         # Diffusion runs on latents * latent_scale (about unit variance); decoding divides it back out.
         self.register_buffer("latent_scale", torch.tensor(1.0))

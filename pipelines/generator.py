@@ -138,7 +138,7 @@ class ImageTextGenerator:
             seed: image i is drawn from seed+i; None picks a random seed.
             save_path: where to write the image; with num_images > 1, image i goes to <stem>_<i:03d><suffix>.
             num_images: how many images of this prompt, drawn as one batch.
-            scheduler: "ddim", "dpm++", "euler" or "ddpm" ("euler" or "heun" for a flow model); None: the
+            scheduler: "ddim", "dpm++", "euler", "euler_a" or "ddpm"; None: the
                 checkpoint's sample.scheduler.
             negative_prompt: what the image should not show: guidance steers away from it instead of from the
                 empty condition. "" (the default) is plain classifier-free guidance.

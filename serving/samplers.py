@@ -10,13 +10,12 @@ A1111_SAMPLERS = {
     "DDIM": ([], "ddim"),
     "DPM++ 2M": (["k_dpmpp_2m"], "dpm++"),
     "DDPM": ([], "ddpm"),
-    "Heun": (["k_heun"], "heun"),
 }
 
 
 class SamplerTable:
     """The A1111 samplers a model can run. make_sampler(our_name) builds one, raising UserError when the model
-    cannot (a flow model has no DDPM-family samplers of its own, an epsilon model no Heun)."""
+    cannot."""
 
     def __init__(self, make_sampler, default: str):
         self.available: dict[str, str] = {}
@@ -26,7 +25,7 @@ class SamplerTable:
                 kind = type(make_sampler(ours))
             except UserError:
                 continue
-            if kind in built:   # a flow model runs its Euler for "DDIM" too: list only samplers that really differ
+            if kind in built:   # list only samplers that really differ
                 continue
             built.add(kind)
             self.available[name] = ours

@@ -21,8 +21,7 @@ from training.optim import PLAN_AT
 PHASED = {"data.limit_train": 32, "data.caption_mode": "random", "train.max_steps": 8, "train.joint_steps": 3,
           "train.save_every_steps": 3, "train.val_every_steps": 4, "train.diffusion_batch_size": 12,
           "model.unet_coord_channels": "true", "model.unet_pooled_embedding": "true",
-          "model.unet_text_time_embedding": "true", "model.diffusion_objective": "v_prediction",
-          "train.snr_gamma": 5}
+          "model.diffusion_objective": "v_prediction"}
 FROZEN_PREFIXES = ("image_encoder.", "text_encoder.embed.", "logit_scale")
 
 
@@ -48,10 +47,10 @@ def tiny_diffusion(tiny_bert, objective: str, **model_flags) -> LatentDiffusion:
     cfg = load_config("tiny", {"model.text_encoder": str(tiny_bert), "model.diffusion_objective": objective,
                                **{f"model.{k}": v for k, v in model_flags.items()}})
     torch.manual_seed(0)
-    return LatentDiffusion(cfg.model, cfg.train.diffusion_timesteps, snr_gamma=5.0 if objective != "flow" else 0.0)
+    return LatentDiffusion(cfg.model, cfg.train.diffusion_timesteps)
 
 
-@pytest.mark.parametrize("objective", ["epsilon", "v_prediction", "flow"])
+@pytest.mark.parametrize("objective", ["epsilon", "v_prediction"])
 def test_each_objective_learns_a_fixed_batch(tiny_bert, objective):
     diffusion = tiny_diffusion(tiny_bert, objective, unet_coord_channels=True, unet_pooled_embedding=True)
     torch.manual_seed(1)
@@ -76,10 +75,9 @@ def test_each_objective_learns_a_fixed_batch(tiny_bert, objective):
 
 
 @pytest.mark.parametrize("objective, scheduler", [("v_prediction", "ddim"), ("v_prediction", "dpm++"),
-                                                  ("flow", "euler"), ("flow", "ddim"), ("flow", "heun")])
+                                                  ("epsilon", "euler"), ("epsilon", "euler_a"), ("epsilon", "ddpm")])
 def test_sampling_shapes_with_every_conditioning(tiny_bert, objective, scheduler):
-    diffusion = tiny_diffusion(tiny_bert, objective, unet_coord_channels=True, unet_pooled_embedding=True,
-                               unet_text_time_embedding=True)
+    diffusion = tiny_diffusion(tiny_bert, objective, unet_coord_channels=True, unet_pooled_embedding=True)
     assert diffusion.unet.config.in_channels == 4 + 2 and diffusion.unet.config.out_channels == 4
     sampler = sampling_scheduler(scheduler, diffusion.noise_scheduler)
     states, mask, pooled = torch.randn(3, 5, 32), torch.ones(3, 5, dtype=torch.long), torch.randn(3, 32)
@@ -89,7 +87,7 @@ def test_sampling_shapes_with_every_conditioning(tiny_bert, objective, scheduler
     # batched equals one by one, with guidance and the pooled embedding
     one = diffusion.sample(states[1:2], mask[1:2], (4, 4, 4), sampling_scheduler(scheduler, diffusion.noise_scheduler),
                            3, 2.0, [torch.Generator().manual_seed(1)], pooled=pooled[1:2])
-    torch.testing.assert_close(one, out[1:2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(one, out[1:2], atol=1e-5, rtol=1e-3)   # Euler works at sigma ~10: relative rounding
 
 
 def test_trailing_spacing_starts_at_pure_noise(tiny_bert):
