@@ -46,9 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--image, the generated images are captioned). Default: from --text/--image")
     p.add_argument("--text", help="a prompt, or a .txt file of prompts (one image per line)")
     p.add_argument("--image", help="an image file or a folder of images")
-    p.add_argument("--out", help="t2i: image path (default generated.png; several images: <stem>_000.png ...); "
-                                 "i2t of a folder: captions .json or .csv (default captions.json)")
-    p.add_argument("--output", dest="out", help=argparse.SUPPRESS)  # the spelling before --out
+    p.add_argument("--out", "--output", dest="out",
+                   help="t2i: image path (default generated.png; several images: <stem>_000.png ...); "
+                        "i2t of a folder: captions .json or .csv (default captions.json)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's sample.steps)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the checkpoint's)")
     p.add_argument("--negative-prompt", default="", help="what images should not show (guidance steers away from it)")
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> None:
     generator = ImageTextGenerator(args.checkpoint, device=args.device, lora=args.lora, lora_scale=args.lora_scale)
     if mode != "i2t":
         # Image i of the run uses seed+i, whether it is the i-th prompt or the i-th image of one prompt.
-        images, _ = generator.batch_text_to_image(prompts * args.num_images, None, batch_size=args.batch_size,
+        images = generator.batch_text_to_image(prompts * args.num_images, None, batch_size=args.batch_size,
                                                   num_inference_steps=args.steps, seed=args.seed,
                                                   guidance_scale=args.guidance_scale, scheduler=args.scheduler,
                                                   negative_prompt=args.negative_prompt)

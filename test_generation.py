@@ -97,26 +97,24 @@ def blank_images(images: list[Image.Image]) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from models.checkpoint import find_latest_checkpoint
     from pipelines.generator import ImageTextGenerator
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else find_latest_checkpoint()
-    generator = ImageTextGenerator(checkpoint, device=args.device)
+    generator = ImageTextGenerator(args.checkpoint, device=args.device)
+    checkpoint = generator.checkpoint
     cfg = generator.config
     name, val_images = read_val_split(cfg, max(args.num_captions, NUM_PROMPTS, ORACLE_PROMPTS))
     prompts, _ = pick_prompts(name, val_images)
     out_dir = Path(args.out) if args.out else checkpoint.parent / "test_generation"
 
     start = time.perf_counter()
-    images, paths = generator.batch_text_to_image(prompts, out_dir, batch_size=16,
-                                                  num_inference_steps=args.steps,
-                                                  guidance_scale=args.guidance_scale, seed=args.seed)
+    images = generator.batch_text_to_image(prompts, out_dir, batch_size=16, num_inference_steps=args.steps,
+                                           guidance_scale=args.guidance_scale, seed=args.seed)
     t2i_seconds = time.perf_counter() - start
     print(f"checkpoint {checkpoint} ({name}), {generator.device}")
     steps = args.steps or cfg.sample.steps
     print(f"text -> image: {len(images)} images, {steps} steps, {t2i_seconds:.1f} s")
-    for prompt, path in list(zip(prompts, paths))[:NUM_PROMPTS]:
-        print(f"  {path.name}  '{prompt}'")
+    for prompt, image in list(zip(prompts, images))[:NUM_PROMPTS]:
+        print(f"  {Path(image.filename).name}  '{prompt}'")
 
     captioned = val_images[:args.num_captions]
     start = time.perf_counter()
@@ -127,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         oracle_prompts = [im["captions"][0] for im in checked]
         oracle_images = generator.batch_text_to_image(oracle_prompts, None, batch_size=16, seed=args.seed,
                                                       num_inference_steps=args.steps,
-                                                      guidance_scale=args.guidance_scale)[0]
+                                                      guidance_scale=args.guidance_scale)
         oracle_captions = generator.batch_image_to_text([im["path"] for im in checked])
     print(f"image -> text: {len(captions)} validation images, {i2t_seconds:.2f} s"
           + ("" if captioned else " (the dataset's val split is not on this machine)"))
@@ -135,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"  {Path(im['path']).name}: '{caption}'  (reference: '{im['captions'][0]}')")
 
     report = {"checkpoint": str(checkpoint), "dataset": name, "device": str(generator.device),
-              "t2i": {"prompts": prompts, "paths": [str(p) for p in paths], "seconds": round(t2i_seconds, 3)},
+              "t2i": {"prompts": prompts, "paths": [im.filename for im in images], "seconds": round(t2i_seconds, 3)},
               "i2t": {"images": [str(im["path"]) for im in captioned], "captions": captions,
                       "references": [im["captions"][0] for im in captioned], "seconds": round(i2t_seconds, 3)}}
     if name == "embedded":
@@ -145,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
         for direction, summary in scores.items():
             if isinstance(summary, dict) and summary:
                 print(f"oracle {direction} ({len(checked)} val images): " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
-    problems = [f"generated image {paths[i].name} is a single colour" for i in blank_images(images)]
+    problems = [f"generated image {Path(images[i].filename).name} is a single colour" for i in blank_images(images)]
     if name == "embedded":
         for direction, floor, what in (("t2i", args.min_t2i, "generated images"), ("i2t", args.min_i2t, "captions")):
             share = scores[direction].get("all") if scores[direction] else None

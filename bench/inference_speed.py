@@ -96,8 +96,7 @@ def bench_text_to_image(generator, args, device) -> dict:
         texts, seeds = PROMPTS[:batch] if batch <= len(PROMPTS) else (PROMPTS * batch)[:batch], list(range(batch))
 
         def ours():
-            return generator.batch_text_to_image(texts, None, batch_size=batch, num_inference_steps=args.steps,
-                                                 seed=0)[0]
+            return generator.batch_text_to_image(texts, None, batch_size=batch, num_inference_steps=args.steps, seed=0)
 
         def plain():
             return plain_diffusers_loop(generator.model, texts, seeds, args.steps, generator.config.sample.guidance_scale)

@@ -26,7 +26,7 @@ from evaluation.report import write_report
 from evaluation.retrieval import retrieval_metrics, top_matches
 from evaluation.retrieval_examples import retrieval_examples_png
 from models.device import resolve_device
-from models.checkpoint import find_latest_checkpoint, load_checkpoint
+from models.checkpoint import load_checkpoint, resolve_checkpoint
 
 NUM_FIGURE_SAMPLES = 8      # images in the sample grid
 NUM_RETRIEVAL_QUERIES = 4   # queries per direction in the retrieval figure
@@ -209,7 +209,7 @@ def evaluate_checkpoint(checkpoint: str | Path | None = None, dataset: str | Non
     if (steps is not None and steps < 1) or batch_size < 1:
         raise UserError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     watch = Stopwatch()
-    checkpoint = Path(checkpoint) if checkpoint else find_latest_checkpoint()
+    checkpoint = resolve_checkpoint(checkpoint or None)
     out_dir = Path(out_dir) if out_dir else checkpoint / "eval"
     check_out_dir(out_dir, overwrite)  # before the model loads: a refusal costs nothing
     model = load_checkpoint(checkpoint, resolve_device(device), use_ema=True)

@@ -157,6 +157,35 @@ def _is_complete_checkpoint(folder: Path, root: Path) -> bool:
             and not any(part.endswith((".tmp", ".old")) for part in folder.relative_to(root).parts))
 
 
+def resolve_checkpoint(checkpoint: str | Path | None, root: str | Path = "outputs") -> Path:
+    """The checkpoint folder a user means. None: the newest complete one under root. A folder that exists: itself.
+    <runs>/best_model or <runs>/latest, where <runs> holds run folders (outputs/best_model, as runs live in
+    outputs/<run>/best_model): that checkpoint of the newest run that has one. Anything else is a UserError that
+    names the runs there are."""
+    if checkpoint is None:
+        return find_latest_checkpoint(root)
+    path = Path(checkpoint)
+    if path.is_dir():
+        return path
+    runs = sorted(d for d in path.parent.iterdir() if (d / CONFIG_FILE).is_file() or (d / BEST_CHECKPOINT).is_dir()
+                  ) if path.parent.is_dir() else []
+    if path.name in (BEST_CHECKPOINT, LATEST_FILE):
+        found = [run / (BEST_CHECKPOINT if path.name == BEST_CHECKPOINT else _latest_name(run)) for run in runs]
+        found = [f for f in found if _is_complete_checkpoint(f, path.parent)]
+        if found:
+            return max(found, key=lambda f: (f / WEIGHTS_FILE).stat().st_mtime)
+    named = f"; the runs there: {', '.join(str(r) for r in runs)}" if runs else ""
+    raise UserError(f"checkpoint folder {path} does not exist; give a folder such as "
+                    f"outputs/<run>/best_model{named}")
+
+
+def _latest_name(run: Path) -> str:
+    try:
+        return (run / LATEST_FILE).read_text().strip()
+    except OSError:
+        return LATEST_FILE
+
+
 def find_latest_checkpoint(root: str | Path = "outputs") -> Path:
     """The newest complete checkpoint folder under root (a run's best_model or checkpoint-N), by write time."""
     root = Path(root)

@@ -15,7 +15,7 @@ from PIL import Image
 from common.images import to_pil
 from configs.errors import UserError
 from models.caption_search import CaptionOptions
-from models.checkpoint import find_latest_checkpoint, load_checkpoint
+from models.checkpoint import load_checkpoint, resolve_checkpoint
 from models.device import resolve_device
 from pipelines.images import check_writable, load_image, save_image
 
@@ -50,8 +50,8 @@ class ImageTextGenerator:
     """A trained Duet checkpoint, ready for generation, captioning and retrieval.
 
     Args:
-        checkpoint: a checkpoint folder (outputs/<run>/best_model, .../checkpoint-000500); None takes the newest
-            one under outputs/.
+        checkpoint: a checkpoint folder (outputs/<run>/best_model, .../checkpoint-000500); outputs/best_model is the
+            newest run's best model; None takes the newest checkpoint under outputs/.
         device: "cpu", "cuda", "cuda:1" or None (CUDA when available, else CPU).
         lora: a LoRA adapter folder (written by the fine-tuning step) applied on top of the checkpoint.
         lora_scale: how strongly the adapter acts (1.0: as trained, 0.0: the base model).
@@ -69,10 +69,7 @@ class ImageTextGenerator:
     def __init__(self, checkpoint: str | Path | None = None, device: str | torch.device | None = None,
                  lora: str | Path | None = None, lora_scale: float = 1.0):
         self.device = resolve_device(device)
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else find_latest_checkpoint()
-        if not self.checkpoint.is_dir():
-            raise UserError(f"checkpoint folder {self.checkpoint} does not exist; give a folder such as "
-                            "outputs/<run>/best_model")
+        self.checkpoint = resolve_checkpoint(checkpoint)
         self.model = load_checkpoint(self.checkpoint, self.device, use_ema=True)
         if lora is not None:
             try:
@@ -162,7 +159,7 @@ class ImageTextGenerator:
                 save_image(image, path)
         return images[0] if num_images == 1 else images
 
-    def batch_text_to_image(self, texts: list[str], save_dir: str | Path | None, batch_size: int = 8,
+    def batch_text_to_image(self, texts: list[str], save_dir: str | Path | None = None, batch_size: int = 8,
                             num_inference_steps: int | None = None, guidance_scale: float | None = None,
                             seed: int | None = None, scheduler: str | None = None, name: str = "image",
                             negative_prompt: str = ""):
@@ -176,7 +173,7 @@ class ImageTextGenerator:
             name: file name stem.
 
         Returns:
-            (images, paths): PIL images in prompt order and the files written (empty when save_dir is None).
+            PIL images in prompt order; with save_dir, each one's `filename` is the file it was written to.
         """
         texts = [check_prompt(t) for t in texts]
         check_steps(num_inference_steps)
@@ -189,7 +186,8 @@ class ImageTextGenerator:
                                 negative_prompt, batch_size)
         for image, path in zip(images, paths):
             save_image(image, path)
-        return images, paths
+            image.filename = str(path)       # PIL's own attribute for the file an image lives in
+        return images
 
     # -- image -> text ---------------------------------------------------------------------------------------
 

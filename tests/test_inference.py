@@ -1,5 +1,7 @@
 """ImageTextGenerator and caption search on a tiny random checkpoint: seeds, batching, decoding strategies, the
 KV cache, embeddings and ranking."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -49,13 +51,13 @@ def test_same_seed_same_image_other_seed_another(generator):
 
 
 def test_batched_images_equal_one_by_one(generator, tmp_path):
-    images, paths = generator.batch_text_to_image(PROMPTS, tmp_path / "out", batch_size=2,
-                                                  num_inference_steps=STEPS, seed=3)
-    assert [p.name for p in paths] == ["image_000.png", "image_001.png", "image_002.png"]
+    images = generator.batch_text_to_image(PROMPTS, tmp_path / "out", batch_size=2, num_inference_steps=STEPS, seed=3)
+    assert [Path(im.filename).name for im in images] == ["image_000.png", "image_001.png", "image_002.png"]
     for i, (prompt, image) in enumerate(zip(PROMPTS, images)):
         alone = generator.text_to_image(prompt, num_inference_steps=STEPS, seed=3 + i)
         assert np.abs(pixels(image) - pixels(alone)).max() <= 1  # batched matmuls may round differently
-        assert np.array_equal(pixels(Image.open(paths[i])), pixels(image))
+        assert np.array_equal(pixels(Image.open(image.filename)), pixels(image))
+    assert len(generator.batch_text_to_image(PROMPTS[:2], num_inference_steps=STEPS)) == 2   # the seed guide's line
     several = generator.text_to_image(PROMPTS[1], num_inference_steps=STEPS, seed=4, num_images=2)
     assert np.abs(pixels(several[0]) - pixels(images[1])).max() <= 1
 

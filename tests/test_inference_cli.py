@@ -73,6 +73,20 @@ def test_t2i_writes_the_image_the_api_draws(workspace, api, capsys, tmp_path):
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
 
 
+def test_the_seed_guides_lines_work_as_written(workspace, capsys, tmp_path):
+    """`--checkpoint outputs/best_model` is the newest run's best model; `--output` is listed in --help; a name
+    that is no checkpoint names the runs there are."""
+    outputs = workspace["root"] / "outputs"
+    code, stdout, err = run_cli(capsys, "--checkpoint", outputs / "best_model", "--text", "a red circle",
+                                "--output", tmp_path / "guide.png", "--steps", 1)
+    assert code == 0 and (tmp_path / "guide.png").is_file(), err
+    code, _, err = run_cli(capsys, "--checkpoint", outputs / "bestmodel", "--text", "a red circle")
+    assert code == 2 and "the runs there: " in err and str(outputs / "run") in err
+    with pytest.raises(SystemExit):
+        inference.parse_args(["--help"])
+    assert "--out OUT, --output OUT" in capsys.readouterr().out
+
+
 def test_sampling_uses_the_ema_unet(workspace, api):
     from models.checkpoint import load_checkpoint
 
