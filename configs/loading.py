@@ -145,6 +145,15 @@ def validate(cfg: DuetConfig) -> DuetConfig:
            t.caption_batch_size) < 0:
         raise UserError("train.joint_steps, train.diffusion_batch_size, train.diffusion_captions_per_image, "
                         "train.image_decoder_batch_size and train.caption_batch_size must be >= 0")
+    if t.phases not in ([], ["joint"], ["diffusion"], ["joint", "diffusion"]):
+        raise UserError(f"train.phases must be [joint], [diffusion] or [joint, diffusion], got {t.phases}")
+    if t.phases == ["diffusion"] and not t.init_from:
+        raise UserError("train.phases=[diffusion] trains on a trained model's frozen encoders: set train.init_from")
+    unknown = sorted(set(t.diffusion_trains) - {"unet", "caption_decoder", "image_decoder"})
+    if unknown or not t.diffusion_trains:
+        raise UserError(f"train.diffusion_trains takes unet, caption_decoder and image_decoder, got {t.diffusion_trains}")
+    if t.feature_store not in ("memory", "disk"):
+        raise UserError(f"train.feature_store must be memory or disk, got '{t.feature_store}'")
     s = cfg.sample
     if s.steps < 1 or s.timestep_spacing not in ("leading", "trailing", "linspace"):
         raise UserError("sample.steps must be >= 1 and sample.timestep_spacing leading, trailing or linspace")

@@ -69,9 +69,14 @@ class TrainConfig:
     recon_weight: float = 0.5
     diffusion_weight: float = 0.1
     diffusion_timesteps: int = 1000
-    # The diffusion phase: after joint_steps joint steps, the image encoder, BERT and the alignment heads freeze
-    # and the rest of the run trains the UNet (and both decoders) on their cached outputs. 0: joint throughout.
+    # The run's phases (training/phases.py): [] is joint, then diffusion when 0 < joint_steps < the run's steps;
+    # [diffusion] alone from init_from is a fine-tune. In the diffusion phase the image encoder, BERT and the
+    # alignment heads are frozen and diffusion_trains learn from their cached outputs.
+    phases: list[str] = field(default_factory=list)
     joint_steps: int = 0
+    init_from: str = ""                   # start from this checkpoint's weights (its model section too)
+    diffusion_trains: list[str] = field(default_factory=lambda: ["unet", "caption_decoder", "image_decoder"])
+    feature_store: str = "memory"         # memory | disk: written once per frozen weights and data, then reused
     diffusion_batch_size: int = 0         # the UNet's batch in the diffusion phase; 0: batch_size
     diffusion_learning_rate: float = 0.0  # the UNet's learning rate in the diffusion phase; 0: learning_rate
     diffusion_warmup_steps: int = 20

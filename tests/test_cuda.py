@@ -57,12 +57,12 @@ def train_rows(run_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_both_phases(tiny_bert, data_root, tmp_path, precision):
     trainer = train(tiny_bert, data_root, tmp_path, **{"train.mixed_precision": precision})
-    assert trainer.step == 6 and trainer.features is not None, "both phases ran"
+    assert trainer.step == 6 and trainer.phase.name == "diffusion", "both phases ran"
     rows = train_rows(trainer.run_dir)
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert next(trainer.model.parameters()).device.type == DEVICE.type
-    assert trainer.features.latents.device.type == DEVICE.type, "the cached features fit on the GPU"
+    assert trainer.phase.features.device.type == DEVICE.type, "the cached features fit on the GPU"
     if DEVICE.type == "cuda":
         assert all(r["peak_memory_gib"] > 0 for r in rows)
         assert (trainer.scaler is not None) == (precision == "fp16")
@@ -88,7 +88,7 @@ def test_fp16_overflow_lowers_the_loss_scale(tmp_path):
 @pytest.mark.parametrize("option", ["train.compile", "train.gradient_checkpointing"])
 def test_compile_and_gradient_checkpointing_train_both_phases(tiny_bert, data_root, tmp_path, option):
     trainer = train(tiny_bert, data_root, tmp_path, **{option: "true", "train.mixed_precision": "bf16"})
-    assert trainer.step == 6 and trainer.features is not None
+    assert trainer.step == 6 and trainer.phase.name == "diffusion"
     assert all(math.isfinite(r["loss"]) for r in train_rows(trainer.run_dir))
 
 

@@ -13,7 +13,7 @@ from configs.loading import load_config
 from models.diffusion import LatentDiffusion, sampling_scheduler
 from models.duet import DuetModel
 from models.text_encoder import load_text_backbone
-from training import loop
+from training import phases
 from training.features import build_frozen_features, cached_caption_rows
 from training.optim import PLAN_AT
 
@@ -170,7 +170,7 @@ def test_the_run_switches_to_the_diffusion_phase(phased_run):
 def test_resume_across_the_switch_matches_an_uninterrupted_run(phased_run, tiny_bert, data_root, tmp_path,
                                                                monkeypatch, killed_at, resumed_from):
     values = settings(tiny_bert, data_root, tmp_path, **({"train.save_every_steps": 1} if resumed_from is None else {}))
-    joint_step, diffusion_step, calls = loop.Trainer._train_step, loop.Trainer._diffusion_step, []
+    joint_step, diffusion_step, calls = phases.JointPhase.step, phases.DiffusionPhase.step, []
 
     def counted(original):
         def step(self, *args):
@@ -181,8 +181,8 @@ def test_resume_across_the_switch_matches_an_uninterrupted_run(phased_run, tiny_
         return step
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop.Trainer, "_train_step", counted(joint_step))
-        patch.setattr(loop.Trainer, "_diffusion_step", counted(diffusion_step))
+        patch.setattr(phases.JointPhase, "step", counted(joint_step))
+        patch.setattr(phases.DiffusionPhase, "step", counted(diffusion_step))
         assert cli.main(cli_args(values)) == 130
     run_dir = tmp_path / "embedded"
     resumed_from = resumed_from or killed_at - 1

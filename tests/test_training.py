@@ -17,7 +17,7 @@ from configs.errors import UserError
 from configs.loading import config_from_dict, load_config
 from models.checkpoint import load_checkpoint, load_trainer_state, read_config
 from models.duet import DuetModel
-from training import loop
+from training import loop, phases
 from training.distributed import DistributedContext
 from training.optim import backward, optimizer_step, warmup_cosine
 from training.state import EpochSampler
@@ -103,7 +103,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(run_a, tiny_bert, data_roo
                                                       save_every, killed_at, resumed_from):
     run_dir_a = run_a[0]
     settings = overrides(tiny_bert, data_root, tmp_path, **{"train.save_every_steps": save_every})
-    original_step, calls = loop.Trainer._train_step, []
+    original_step, calls = phases.JointPhase.step, []
 
     def killed(self, micro_batches):
         calls.append(1)
@@ -112,7 +112,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(run_a, tiny_bert, data_roo
         return original_step(self, micro_batches)
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop.Trainer, "_train_step", killed)
+        patch.setattr(phases.JointPhase, "step", killed)
         assert cli.main(cli_args(settings)) == 130
     run_dir = tmp_path / "embedded"
     assert (run_dir / "latest").read_text().strip() == f"checkpoint-{resumed_from:06d}"

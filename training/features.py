@@ -1,10 +1,10 @@
-"""Frozen features for the diffusion phase (train.joint_steps): computed once when the encoders freeze.
+"""Frozen features for the diffusion phase: what the UNet and the two decoders need from the frozen encoders.
 
-After the joint phase the image encoder, BERT and the alignment heads stop changing, so what the UNet and the two
+After the joint phase the image encoder, BERT and the alignment heads stop changing, so what the UNet and the
 decoders need from them is a fixed function of the data: each training image's latents and caption-decoder tokens,
 and the frozen-BERT states of its captions. Computing those once turns the UNet's step from "the whole model" into
-"the UNet alone" (about 4x the samples per second on 2 CPU cores). Nothing is written to disk: a resumed run
-recomputes the same values from the checkpoint's frozen weights.
+"the UNet alone" (about 4x the samples per second on 2 CPU cores). training/feature_store.py keeps them in memory or
+on disk.
 """
 from __future__ import annotations
 
@@ -23,23 +23,45 @@ GPU_SHARE = 0.25     # the features move to the GPU when they take at most this 
 class FrozenFeatures:
     """Per image i: latents[i] (Lc, h, w), already times latent_scale; tokens[i] (M, C), the caption decoder's
     memory; readable[i]. Per cached caption j: hidden[j] (T, H) BERT's last hidden states (fp16, zero past
-    mask[j]), mask[j] (T,) and image[j], the position of its image."""
-    latents: torch.Tensor
-    tokens: torch.Tensor
-    readable: torch.Tensor
-    hidden: torch.Tensor
-    mask: torch.Tensor
-    image: torch.Tensor
+    mask[j]), mask[j] (T,) and image[j], the position of its image. Each field is a torch tensor (in memory, on
+    any device) or a numpy array (a memory map of the disk store): rows are gathered with `take`."""
+    latents: torch.Tensor | np.ndarray
+    tokens: torch.Tensor | np.ndarray
+    readable: torch.Tensor | np.ndarray
+    hidden: torch.Tensor | np.ndarray
+    mask: torch.Tensor | np.ndarray
+    image: torch.Tensor | np.ndarray
 
     def __len__(self) -> int:
         return len(self.image)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.latents, self.tokens, self.readable, self.hidden, self.mask, self.image))
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+    @property
+    def device(self) -> torch.device:
+        return self.image.device if torch.is_tensor(self.image) else torch.device("cpu")
+
+    def take(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """The rows of one field as a tensor on the features' device."""
+        values = getattr(self, name)
+        if torch.is_tensor(values):
+            return values[rows.to(values.device)]
+        return torch.from_numpy(np.ascontiguousarray(values[np.sort(rows.numpy())]))[_unsort(rows)]
 
     def to(self, device: torch.device) -> "FrozenFeatures":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """Every field as a tensor on device (read whole from a memory map)."""
+        return replace(self, **{f.name: _tensor(getattr(self, f.name)).to(device) for f in fields(self)})
+
+
+def _unsort(rows: torch.Tensor) -> torch.Tensor:
+    """Where each of rows sits in sorted(rows): memory maps are read in file order, then put back in row order."""
+    return torch.argsort(torch.argsort(rows, stable=True), stable=True)
+
+
+def _tensor(values) -> torch.Tensor:
+    return values if torch.is_tensor(values) else torch.from_numpy(np.array(values))
 
 
 def cached_caption_rows(offsets: np.ndarray, per_image: int) -> np.ndarray:
@@ -114,26 +136,30 @@ def place_features(features: FrozenFeatures, device: torch.device) -> FrozenFeat
     return features.to(device)
 
 
-def diffusion_phase_losses(model, features: FrozenFeatures, dataset, rows: torch.Tensor, captions: torch.Tensor,
-                           images: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-    """The diffusion phase's loss on cached features: diffusion on the cached captions `rows` (with their images'
-    latents), the caption decoder on dataset caption rows `captions` (any of an image's captions: it needs token
-    ids only), the image decoder on the latents of image positions `images`. Same keys as the joint phase logs."""
-    f = features
-    rows, images = rows.to(f.image.device), images.to(f.image.device)     # the features may live on the GPU
-    mask = f.mask[rows].to(device)
-    embeds, states = model.text_encoder.heads(f.hidden[rows].to(device).float(), mask)
-    diff = model.diffusion.training_loss(f.latents[f.image[rows]].to(device), states, mask,
-                                         model.pooled_embedding(embeds))
-    picked = captions.numpy()
-    ids_mask = torch.from_numpy(dataset.attention_mask[picked].astype(np.int64))
-    longest = int(ids_mask.sum(1).max())
-    ids = torch.from_numpy(dataset.input_ids[picked, :longest].astype(np.int64)).to(device)
-    memory = f.tokens[torch.from_numpy(dataset.index.caption_image[picked]).to(f.tokens.device)].to(device)
-    cap = model.caption_decoder.loss(ids, ids_mask[:, :longest].to(device), memory)
-    pixels = torch.stack([dataset.image_tensor(int(i)) for i in images.tolist()]).to(device)
-    img_rec = F.mse_loss(model.image_decoder(f.latents[images].to(device) / model.latent_scale).float(), pixels)
-    t = model.config.train
-    rec = img_rec + cap
-    return {"loss": t.recon_weight * rec + t.diffusion_weight * diff, "rec": rec, "diff": diff,
-            "img_rec": img_rec, "cap": cap}
+def diffusion_phase_losses(model, features: FrozenFeatures, dataset, device: torch.device, rows: torch.Tensor | None,
+                           captions: torch.Tensor | None, images: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The diffusion phase's losses on cached features, each for the modules that train (None leaves one out):
+    diffusion on the cached captions `rows` (with their images' latents), the caption decoder on dataset caption
+    rows `captions` (any of an image's captions: it needs token ids only), the image decoder on the latents of
+    image positions `images`. Same keys as the joint phase logs."""
+    f, t, out = features, model.config.train, {}
+    if rows is not None:
+        mask = f.take("mask", rows).to(device)
+        embeds, states = model.text_encoder.heads(f.take("hidden", rows).to(device).float(), mask)
+        latents = f.take("latents", f.take("image", rows).cpu()).to(device)
+        out["diff"] = model.diffusion.training_loss(latents, states, mask, model.pooled_embedding(embeds))
+    if captions is not None:
+        picked = captions.numpy()
+        ids_mask = torch.from_numpy(dataset.attention_mask[picked].astype(np.int64))
+        longest = int(ids_mask.sum(1).max())
+        ids = torch.from_numpy(dataset.input_ids[picked, :longest].astype(np.int64)).to(device)
+        memory = f.take("tokens", torch.from_numpy(dataset.index.caption_image[picked])).to(device)
+        out["cap"] = model.caption_decoder.loss(ids, ids_mask[:, :longest].to(device), memory)
+    if images is not None:
+        pixels = torch.stack([dataset.image_tensor(int(i)) for i in images.tolist()]).to(device)
+        decoded = model.image_decoder(f.take("latents", images).to(device) / model.latent_scale)
+        out["img_rec"] = F.mse_loss(decoded.float(), pixels)
+    zero = torch.zeros((), device=device)
+    out["rec"] = out.get("img_rec", zero) + out.get("cap", zero)
+    out["loss"] = t.recon_weight * out["rec"] + t.diffusion_weight * out.get("diff", zero)
+    return out

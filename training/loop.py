@@ -1,7 +1,7 @@
-"""The training run: data, model, AdamW with warmup+cosine, validation, sample sheets, atomic checkpoints, resume."""
+"""The training run: data, model, its phases (training/phases.py), validation, sample sheets, metrics, atomic
+checkpoints, resume."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,26 +24,21 @@ from configs.loading import config_to_dict, config_to_json
 from configs.schema import DuetConfig
 from data.collate import to_device
 from models.checkpoint import (BEST_CHECKPOINT, CHECKPOINT_PREFIX, CONFIG_FILE, EMA_UNET_DIR, checkpoint_name,
-                               load_checkpoint, load_trainer_state, read_config, save_checkpoint)
+                               load_checkpoint, load_trainer_state, read_config, resolve_checkpoint, save_checkpoint)
 from models.duet import DuetModel
 from models.text_encoder import load_text_backbone
-from training.distributed import (DistributedContext, all_reduce_grads, all_reduce_mean, init_distributed,
-                                  shutdown_distributed)
-from training.features import build_frozen_features, diffusion_phase_losses, place_features
+from training.distributed import DistributedContext, init_distributed, shutdown_distributed
 from training.guard import NonFiniteGuard
-from training.optim import backward, build_optimizer, mean_step_seconds, optimizer_step, plan_due, warmup_cosine
 from training.pace import StepClock, first_step_note, gpu_sized_on_cpu, peak_memory_gib
+from training.phases import LOG_KEYS, build_phases
 from training.precision import autocast_and_scaler
-from training.state import (EpochSampler, commit_checkpoint, epoch_loader, loop_state, resolve_resume,
-                            restore_loop_state)
+from training.state import (EpochSampler, commit_checkpoint, epoch_loader, resolve_resume, restore_rng_state,
+                            rng_state)
 
-BAR_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i")
-LOG_KEYS = BAR_KEYS + ("img_rec", "cap")
-# The diffusion phase trains the UNet and both decoders on frozen features: no contrastive term to show.
-DIFFUSION_KEYS = ("loss", "rec", "diff", "img_rec", "cap")
 # Train-section keys a resumed run may change; everything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
-                     "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite"}
+                     "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite",
+                     "feature_store"}
 NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
 
 
@@ -98,7 +93,7 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, r
 
 
 class Trainer:
-    """Holds everything a step needs; `run()` below is the entry point."""
+    """Holds everything a step needs and runs the phases (training/phases.py); `run()` below is the entry point."""
 
     def __init__(self, cfg: DuetConfig, resume: str | None, ctx: DistributedContext):
         from data.datasets import build_datasets, caption_token_ids, resolve_dataset_name, skipped_at_build
@@ -108,23 +103,33 @@ class Trainer:
         self.dataset_name = resolve_dataset_name(cfg)
         _log(ctx, f"dataset: {self.dataset_name} ({cfg.data.dataset} requested)")
         self.run_dir = _make_run_dir(cfg, self.dataset_name, ctx, resume)
-        resume_dir = resolve_resume(resume, self.run_dir) if resume else None
-        if resume_dir is not None:
-            _check_resume_config(read_config(resume_dir), cfg)
+        self.resume_dir = resolve_resume(resume, self.run_dir) if resume else None
+        base = resolve_checkpoint(t.init_from) if t.init_from else None
+        if base is not None:
+            # the weights decide the model section; the caption vocabulary stays the base's
+            cfg.model = read_config(base).model
+        if self.resume_dir is not None:
+            _check_resume_config(read_config(self.resume_dir), cfg)
 
         torch.manual_seed(t.seed)
-        bert, tokenizer = load_text_backbone(cfg.model.text_encoder)
+        start_from = self.resume_dir or base
+        if start_from is not None:
+            # a fine-tune starts from the base's sampling (EMA) UNet; a resumed run from its raw one
+            self.model = load_checkpoint(start_from, use_ema=self.resume_dir is None)
+            tokenizer = self.model.tokenizer
+        else:
+            bert, tokenizer = load_text_backbone(cfg.model.text_encoder)
         self.train_set, self.val_set = build_datasets(cfg, tokenizer)
         global_batch = t.batch_size * ctx.world_size
         if len(self.train_set) < global_batch:
             raise UserError(f"train.batch_size={t.batch_size} (x{ctx.world_size} processes) is larger than the "
                             f"training set ({len(self.train_set)} samples); lower it with --set train.batch_size=N")
-        vocabulary = caption_token_ids(self.train_set)
-        cfg.model.caption_vocab_size = len(vocabulary)
-        if resume_dir is not None:
-            self.model = load_checkpoint(resume_dir, use_ema=False)
+        if start_from is not None:
+            cfg.model.caption_vocab_size = self.model.config.model.caption_vocab_size
             self.model.config = cfg
         else:
+            vocabulary = caption_token_ids(self.train_set)
+            cfg.model.caption_vocab_size = len(vocabulary)
             self.model = DuetModel(cfg, bert, tokenizer)
             self.model.caption_decoder.set_vocabulary(vocabulary)
         self.model.to(ctx.device).train()
@@ -135,44 +140,23 @@ class Trainer:
         self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // t.grad_accum_steps)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.warmup_steps = int(t.warmup_epochs * self.steps_per_epoch)
-        # train.joint_steps splits the run: everything jointly, then the UNet and decoders on frozen features.
-        self.joint_end = t.joint_steps if 0 < t.joint_steps < self.total_steps else self.total_steps
-        self.features, self.diffusion_end = None, self.total_steps
-        if self.joint_end < self.total_steps:
-            # untouched until the diffusion phase (DDP requires every trained parameter to get a gradient)
-            self.model.diffusion.unet.requires_grad_(False)
-            self.model.text_encoder.to_states.requires_grad_(False)
-        self.optimizer = build_optimizer(self.model, t.learning_rate, t.weight_decay)
-        # With a diffusion phase the joint phase has a schedule of its own, so the encoders freeze converged.
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(self.warmup_steps, self.joint_end))
-        unet = self.model.diffusion.unet
-        # EMA warmup lets the average follow the fast early changes of a short run.
-        self.ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, model_cls=UNet2DConditionModel,
-                            model_config=unet.config) if ctx.is_main else None
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
-        # The cache leaves unreadable images out when it is built, so no batch reports them: the count starts there.
         self.best_val_loss = math.inf
-        self.guard = NonFiniteGuard(t.max_bad_steps, lambda line: _log(ctx, line), self.run_dir,
-                                    "lower train.learning_rate and resume")
+        self.guard = NonFiniteGuard(t.max_bad_steps, self.log, self.run_dir, "lower train.learning_rate and resume")
         # Unreadable train images, each counted once: left out of the cache when it was built, or met in a batch
         # (uncached reading meets one in every epoch, and once per caption in pairs mode).
         self.skipped_at_build, self.skipped_ids = skipped_at_build(self.train_set), set()
         if self.skipped_at_build:
-            _log(ctx, f"{self.skipped_at_build} unreadable train images skipped (left out of the image cache)")
+            self.log(f"{self.skipped_at_build} unreadable train images skipped (left out of the image cache)")
         self.window, self.warned, self.last_val_step, self.final_cost = [], False, -1, 0.0
         self.clock, self.time_first_step = StepClock(), False
-        self.plan_restored = False   # a resumed diffusion phase keeps the length its first process planned
         self.autocast, self.scaler = autocast_and_scaler(t.mixed_precision, ctx.device)
-        if resume_dir is not None:
-            self._restore(resume_dir)
+        self.phases = build_phases(self)
+        self.phase, self.resumed = self.phases[0], None
+        if self.resume_dir is not None:
+            self.resumed = self._read_resume_state(self.resume_dir)
 
         self.train_module = self.model
-        if t.compile:
-            self.train_module = torch.compile(self.train_module)
-        if ctx.enabled:
-            self.train_module = DistributedDataParallel(
-                self.train_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.tensorboard = self._tensorboard()
 
@@ -180,18 +164,42 @@ class Trainer:
     def skipped_images(self) -> int:
         return self.skipped_at_build + len(self.skipped_ids)
 
-    def _restore(self, folder: Path) -> None:
+    @property
+    def ema(self):
+        return self.phase.ema
+
+    def log(self, message: str) -> None:
+        _log(self.ctx, message)
+
+    def wrap_model(self) -> None:
+        """The module the joint step calls: compiled and under DDP as the config says. Built once what trains is
+        set, since DDP expects a gradient for every parameter that requires one when it is built."""
+        t, ctx = self.cfg.train, self.ctx
+        self.train_module = self.model
+        if t.compile:
+            self.train_module = torch.compile(self.train_module)
+        if ctx.enabled:
+            self.train_module = DistributedDataParallel(
+                self.train_module, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+
+    def _read_resume_state(self, folder: Path) -> dict:
         state = load_trainer_state(folder)
-        self.step = state["step"]
-        if state.get("diffusion_end"):
-            self._enter_diffusion_phase(state["diffusion_end"])
-            self.plan_restored = True
+        if "phase" not in state:   # written before phases were objects
+            phase = "diffusion" if state.get("diffusion_end") else "joint"
+            state.update(phase=phase, phase_state={"optimizer": state["optimizer"],
+                                                   "lr_schedule": state["lr_schedule"],
+                                                   "end": state.get("diffusion_end") or self.total_steps})
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.best_val_loss, self.skipped_ids = state["best_val_loss"], set(state.get("skipped_ids", []))
-        if self.ema is not None and (folder / EMA_UNET_DIR).is_dir():
-            self.ema = EMAModel.from_pretrained(folder / EMA_UNET_DIR, UNet2DConditionModel)
-            self.ema.to(self.ctx.device)
-        restore_loop_state(self, state)
-        _log(self.ctx, f"resumed from {folder} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+        return state
+
+    def restored_ema(self, phase_state: dict | None):
+        """The EMA a resumed phase had (None when starting the phase)."""
+        if phase_state is None or self.resume_dir is None or not (self.resume_dir / EMA_UNET_DIR).is_dir():
+            return None
+        ema = EMAModel.from_pretrained(self.resume_dir / EMA_UNET_DIR, UNet2DConditionModel)
+        ema.to(self.ctx.device)
+        return ema
 
     def _tensorboard(self):
         if not self.ctx.is_main:
@@ -224,85 +232,57 @@ class Trainer:
         return epoch_loader(dataset, t.batch_size, sampler, t.seed, min(t.num_workers, os.cpu_count() or 1),
                             pin_memory=self.ctx.device.type == "cuda")
 
-    def _train_step(self, micro_batches: list[dict]) -> dict | None:
-        """One optimizer step over grad_accum_steps micro-batches; None when the loss was not finite."""
-        t, sums = self.cfg.train, {k: 0.0 for k in LOG_KEYS}
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not self.ctx.enabled else self.train_module.no_sync()
-            with sync, self.autocast():
-                out = self.train_module(to_device(batch, self.ctx.device),
-                                        with_diffusion=self.joint_end == self.total_steps)
-                loss = out["loss"] / len(micro_batches)
-            if not backward(loss, self.optimizer, self.scaler):
-                return None
-            for k in LOG_KEYS:
-                sums[k] += out[k].detach().item() / len(micro_batches)
-        return self._optimizer_step(sums)
+    # -- what the phases call ------------------------------------------------------------------------------------
 
-    def _optimizer_step(self, sums: dict, manual_sync: bool = False) -> dict | None:
-        """Clips, steps the optimizer, LR schedule and EMA after backward(); None when the gradients are not finite.
-        manual_sync: the loss did not go through the DDP wrapper, so gradients are averaged here."""
-        if manual_sync:
-            all_reduce_grads(self.model.parameters(), self.ctx)
-        if not optimizer_step(self.optimizer, self.lr_schedule, self.model.parameters(), self.cfg.train.grad_clip,
-                              self.scaler):
-            return None
-        if self.ema is not None and (self.features is not None or self.joint_end == self.total_steps):
-            self.ema.step(self.model.diffusion.unet.parameters())
-        return {k: float(all_reduce_mean(torch.tensor(v), self.ctx)) for k, v in sums.items()}
+    def train_loader(self) -> DataLoader:
+        return self._loader(self.train_set, self.sampler)
 
-    def _enter_diffusion_phase(self, diffusion_end: int | None = None) -> None:
-        """Freezes the encoders, caches what the UNet and decoders need from them, and starts a new optimizer for
-        the UNet (with the text-state projection) and the two decoders."""
-        t, model = self.cfg.train, self.model
+    def start_epoch(self) -> None:
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(self.epoch)
+
+    def end_epoch(self) -> None:
+        if self.skipped_images:
+            self.log(f"epoch {self.epoch}: {self.skipped_images} unreadable images skipped so far")
+        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        if not self.cfg.train.val_every_steps:
+            self.validate_and_sample()
+
+    def save_progress(self) -> None:
+        self.save(checkpoint_name(self.step))
+
+    def record_step(self, metrics: dict | None, keys: tuple[str, ...], bar) -> bool:
+        """Bookkeeping after a step: NaN guard, progress bar, log rows, validation. False when it was skipped."""
+        t = self.cfg.train
+        seconds = self.clock.tick()
+        if not self.guard.check(metrics is not None, self.step):
+            return False
+        self.step += 1
+        if self.time_first_step:
+            self.log(first_step_note(seconds, self.total_steps - self.step, t.max_minutes))
+            self.time_first_step = False
+        if "i2t" in metrics:
+            self.window = (self.window + [metrics])[-50:]
+            self.warned = self._guard_chance(self.window, self.warned)
+        bar.update(1)
+        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in keys}, refresh=False)
+        if self.step % t.log_every_steps == 0:
+            pace = {"step_seconds": self.clock.take(), "peak_memory_gib": peak_memory_gib(self.ctx.device)}
+            self._write_metrics({"step": self.step, "epoch": self.epoch, "lr": self.phase.lr_schedule.get_last_lr()[0],
+                                 **metrics, **{k: v for k, v in pace.items() if v is not None}})
+        if t.val_every_steps and self.step % t.val_every_steps == 0:
+            self.validate_and_sample()
+        return True
+
+    def validate_and_sample(self) -> None:
         started = time.time()
-        model.requires_grad_(False)
-        trained = (model.diffusion.unet, model.text_encoder.to_states, model.caption_decoder, model.image_decoder)
-        for module in trained:
-            module.requires_grad_(True)
-        self.features = build_frozen_features(model, self.train_set, t.diffusion_captions_per_image, self.ctx.device,
-                                              self.autocast)
-        readable = self.features.readable.numpy()
-        self.readable_images = torch.from_numpy(readable.nonzero()[0])
-        self.caption_rows = torch.from_numpy(readable[self.train_set.index.caption_image].nonzero()[0])
-        self.features = place_features(self.features, self.ctx.device)
-        _log(self.ctx, f"diffusion phase from step {self.step}: encoders frozen; cached the latents of "
-                       f"{len(self.readable_images)} images and the BERT states of {len(self.features)} captions "
-                       f"in {time.time() - started:.0f} s")
-        diffusion_lr = t.diffusion_learning_rate or t.learning_rate
-        self.optimizer = build_optimizer(model, t.learning_rate, t.weight_decay,
-                                         {"diffusion.unet.": diffusion_lr, "text_encoder.to_states.": diffusion_lr})
-        self.diffusion_end = diffusion_end or self.total_steps
-        # Counted from the phase's first step; the length may still be fixed by _plan_diffusion_phase.
-        warmup = min(t.diffusion_warmup_steps, max(1, (self.diffusion_end - self.joint_end) // 10))
-        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda i: warmup_cosine(warmup, self.diffusion_end - self.joint_end)(i))
-        if self.ema is not None:
-            # The average starts here: before, the UNet did not train.
-            unet = model.diffusion.unet
-            self.ema = EMAModel(unet.parameters(), decay=t.ema_decay, use_ema_warmup=True,
-                                model_cls=UNet2DConditionModel, model_config=unet.config)
+        self._after_validation(self.validate())
+        self.last_val_step = self.step
+        self.final_cost = max(self.final_cost, time.time() - started)
+        self.clock.restart()
 
-    def _phase_batch(self) -> torch.Generator:
-        """This step's batch generator: a function of (seed, rank, step), so a resumed run draws the same batches."""
-        return torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.ctx.rank) * 1_000_003 + self.step)
-
-    def _diffusion_step(self) -> dict | None:
-        """One step of the diffusion phase: the diffusion loss on cached latents and BERT states, plus the two
-        decoders' losses on the frozen encoder's latents and tokens; None when the loss was not finite."""
-        t, f, device = self.cfg.train, self.features, self.ctx.device
-        generator = self._phase_batch()
-        rows = torch.randint(len(f), (t.diffusion_batch_size or t.batch_size,), generator=generator)
-        captions = self.caption_rows[torch.randint(len(self.caption_rows), (t.caption_batch_size or t.batch_size,),
-                                                   generator=generator)]
-        images = self.readable_images[torch.randint(len(self.readable_images),
-                                                    (t.image_decoder_batch_size or t.batch_size,), generator=generator)]
-        with self.autocast():
-            out = diffusion_phase_losses(self.model, f, self.train_set, rows, captions, images, device)
-        if not backward(out["loss"], self.optimizer, self.scaler):
-            return None
-        return self._optimizer_step({k: float(v.detach()) for k, v in out.items()}, manual_sync=True)
+    # -- validation, samples, checkpoints ------------------------------------------------------------------------
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -327,20 +307,23 @@ class Trainer:
 
     @torch.no_grad()
     def sample_sheet(self) -> Path:
-        """Images from fixed prompts (EMA weights) and greedy captions of fixed val images."""
-        t = self.cfg.train
+        """Images from fixed prompts (the EMA weights when the phase keeps them) and greedy captions of fixed val
+        images."""
+        t, unet = self.cfg.train, self.model.diffusion.unet
         val = [self.val_set[i] for i in range(min(4, len(self.val_set)))]
         val = [s for s in val if "images" in s]
         prompts = t.sample_prompts or [s["caption"] for s in val]
         self.model.eval()
-        self.ema.store(self.model.diffusion.unet.parameters())
-        self.ema.copy_to(self.model.diffusion.unet.parameters())
+        if self.ema is not None:
+            self.ema.store(unet.parameters())
+            self.ema.copy_to(unet.parameters())
         try:
             generated = self.model.generate_images(prompts, list(range(len(prompts))))
             images = torch.stack([s["images"] for s in val]).to(self.ctx.device)
             captions = self.model.caption(images)
         finally:
-            self.ema.restore(self.model.diffusion.unet.parameters())
+            if self.ema is not None:
+                self.ema.restore(unet.parameters())
             self.model.train()
         return sample_sheet_png(to_pil(generated), prompts, to_pil(images), captions,
                                 self.run_dir / f"samples-{self.step:06d}.png")
@@ -348,8 +331,10 @@ class Trainer:
     def save(self, name: str, with_state: bool = True) -> Path:
         state = None
         if with_state:
-            state = {**loop_state(self), "best_val_loss": self.best_val_loss, "skipped_ids": sorted(self.skipped_ids),
-                     "diffusion_end": self.diffusion_end if self.features is not None else 0}
+            state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                     "rng": rng_state(), "best_val_loss": self.best_val_loss, "skipped_ids": sorted(self.skipped_ids),
+                     "phase": self.phase.name, "phase_step": self.step - self.phase.start,
+                     "phase_state": self.phase.state_dict()}
         folder = save_checkpoint(self.model, self.run_dir / name, ema=self.ema, trainer_state=state)
         if name.startswith(CHECKPOINT_PREFIX):
             commit_checkpoint(self.run_dir, folder, self.cfg.train.keep_checkpoints)
@@ -357,8 +342,7 @@ class Trainer:
         return folder
 
     def _after_validation(self, val: dict) -> None:
-        _log(self.ctx, f"step {self.step}: val_loss {val['val_loss']:.4f} i2t {val['val_i2t']:.3f} "
-                       f"t2i {val['val_t2i']:.3f}")
+        self.log(f"step {self.step}: val_loss {val['val_loss']:.4f} i2t {val['val_i2t']:.3f} t2i {val['val_t2i']:.3f}")
         self._write_metrics({"step": self.step, "epoch": self.epoch, **val, "skipped_images": self.skipped_images})
         if not self.ctx.is_main:
             return
@@ -380,110 +364,16 @@ class Trainer:
             return True
         return warned
 
-    def _record_step(self, metrics: dict | None, keys: tuple[str, ...], bar) -> bool:
-        """Bookkeeping after a step: NaN guard, progress bar, log rows, validation. False when it was skipped."""
-        t = self.cfg.train
-        seconds = self.clock.tick()
-        if not self.guard.check(metrics is not None, self.step):
-            return False
-        self.step += 1
-        if self.time_first_step:
-            _log(self.ctx, first_step_note(seconds, self.total_steps - self.step, t.max_minutes))
-            self.time_first_step = False
-        if "i2t" in metrics:
-            self.window = (self.window + [metrics])[-50:]
-            self.warned = self._guard_chance(self.window, self.warned)
-        bar.update(1)
-        bar.set_postfix({k: f"{metrics[k]:.3f}" for k in keys}, refresh=False)
-        if self.step % t.log_every_steps == 0:
-            pace = {"step_seconds": self.clock.take(), "peak_memory_gib": peak_memory_gib(self.ctx.device)}
-            self._write_metrics({"step": self.step, "epoch": self.epoch, "lr": self.lr_schedule.get_last_lr()[0],
-                                 **metrics, **{k: v for k, v in pace.items() if v is not None}})
-        if t.val_every_steps and self.step % t.val_every_steps == 0:
-            self._validate_and_sample()
-        return True
-
-    def _validate_and_sample(self) -> None:
-        started = time.time()
-        self._after_validation(self.validate())
-        self.last_val_step = self.step
-        self.final_cost = max(self.final_cost, time.time() - started)
+    def _begin(self, phase) -> None:
+        """Starts a phase; the first one a resumed run enters gets the checkpoint's phase state and RNG."""
+        self.phase = phase
+        state, self.resumed = self.resumed, None
+        phase.begin(state["phase_state"] if state and state["phase"] == phase.name else None)
+        if state is not None:
+            restore_rng_state(state["rng"])   # last: setting up the phase draws random numbers
+            self.log(f"resumed from {self.resume_dir} at step {self.step} ({phase.name} phase, epoch {self.epoch}, "
+                     f"batch {self.batch_in_epoch})")
         self.clock.restart()
-
-    def _fit_joint(self, deadline: float, bar) -> bool:
-        """The joint phase, epoch by epoch, up to self.joint_end; True when it stopped on the deadline."""
-        t, ctx = self.cfg.train, self.ctx
-        save_after_epoch = False
-        while self.step < self.joint_end:
-            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
-            if hasattr(self.train_set, "set_epoch"):
-                self.train_set.set_epoch(self.epoch)
-            micro = []
-            for batch in self._loader(self.train_set, self.sampler):
-                self.batch_in_epoch += 1
-                self.skipped_ids.update(batch["skipped_ids"])
-                if len(batch["images"]) >= 2:
-                    micro.append(batch)
-                if len(micro) < t.grad_accum_steps:
-                    continue
-                metrics, micro = self._train_step(micro), []
-                if not self._record_step(metrics, BAR_KEYS, bar):
-                    continue
-                if self.step % t.save_every_steps == 0 and ctx.is_main:
-                    if self.batch_in_epoch < self.sampler.batches_per_epoch:
-                        self.save(checkpoint_name(self.step))
-                    else:
-                        save_after_epoch = True
-                if time.time() > deadline:
-                    return True
-                if self.step >= self.joint_end:
-                    break
-            else:
-                if self.skipped_images:
-                    _log(ctx, f"epoch {self.epoch}: {self.skipped_images} unreadable images skipped so far")
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                if not t.val_every_steps:
-                    self._validate_and_sample()
-                if save_after_epoch:
-                    self.save(checkpoint_name(self.step))
-                    save_after_epoch = False
-        if save_after_epoch and ctx.is_main and self.joint_end < self.total_steps:
-            self.save(checkpoint_name(self.step))
-        return False
-
-    def _plan_diffusion_phase(self, deadline: float, per_step: float) -> None:
-        """Under a time budget, fixes the phase's length (and so its cosine) from the measured seconds per step,
-        keeping room for the final validation and checkpoint. A phase restored from a checkpoint keeps its plan."""
-        if self.features is None or math.isinf(deadline) or self.plan_restored:
-            return
-        t = self.cfg.train
-        # periodic validations and checkpoints cost about what the last validation did
-        per_step += self.final_cost * ((1 / t.val_every_steps if t.val_every_steps else 0) + 1 / t.save_every_steps)
-        left = deadline - time.time() - 2 * self.final_cost
-        self.diffusion_end = min(self.total_steps, self.step + max(1, int(left / per_step)))
-        _log(self.ctx, f"diffusion phase: {per_step:.2f} s/step, planned to end at step {self.diffusion_end}")
-
-    def _fit_diffusion(self, deadline: float, bar) -> None:
-        t, ctx = self.cfg.train, self.ctx
-        if self.features is None:
-            self._enter_diffusion_phase()
-            self.clock.restart()
-        bar.set_description("diffusion")
-        first, seconds = self.step, []
-        while self.step < self.diffusion_end and time.time() + self.final_cost < deadline:
-            started = time.time()
-            metrics = self._diffusion_step()
-            seconds.append(time.time() - started)        # the step alone: validations are counted apart
-            if not self._record_step(metrics, DIFFUSION_KEYS, bar):
-                continue
-            if plan_due(self.step - first):
-                self._plan_diffusion_phase(deadline, mean_step_seconds(seconds))
-                bar.total = self.diffusion_end
-                bar.refresh()
-            if not t.val_every_steps and (self.step - self.joint_end) % self.steps_per_epoch == 0:
-                self._validate_and_sample()
-            if self.step % t.save_every_steps == 0 and ctx.is_main:
-                self.save(checkpoint_name(self.step))
 
     def fit(self) -> dict:
         t, ctx = self.cfg.train, self.ctx
@@ -493,14 +383,16 @@ class Trainer:
         deadline = self.started + t.max_minutes * 60 if t.max_minutes else math.inf
         notice = gpu_sized_on_cpu(self.model, ctx.device)
         if notice:
-            _log(ctx, notice)
+            self.log(notice)
             self.time_first_step = True
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not ctx.is_main, dynamic_ncols=True)
-        self.clock.restart()
         try:
-            out_of_time = self.step < self.joint_end and self._fit_joint(deadline, bar)
-            if not out_of_time and self.joint_end <= self.step < self.total_steps:
-                self._fit_diffusion(deadline, bar)
+            for phase in self.phases:
+                if self.step >= phase.end and not (self.resumed and self.resumed["phase"] == phase.name):
+                    continue
+                self._begin(phase)
+                if self.step < phase.end and phase.run(deadline, bar):
+                    break
         finally:
             bar.close()
         if self.last_val_step != self.step:
@@ -508,7 +400,7 @@ class Trainer:
         if ctx.is_main:
             self.save(checkpoint_name(self.step))
         if self.skipped_images:
-            _log(ctx, f"{self.skipped_images} unreadable images were skipped in all")
+            self.log(f"{self.skipped_images} unreadable images were skipped in all")
         minutes = (time.time() - self.started) / 60
         return {"run_dir": str(self.run_dir), "step": self.step, "best_val_loss": self.best_val_loss,
                 "minutes": round(minutes, 2), "skipped_images": self.skipped_images}
