@@ -147,11 +147,14 @@ def validate(cfg: DuetConfig) -> DuetConfig:
                         "train.image_decoder_batch_size and train.caption_batch_size must be >= 0")
     if t.phases not in ([], ["joint"], ["diffusion"], ["joint", "diffusion"]):
         raise UserError(f"train.phases must be [joint], [diffusion] or [joint, diffusion], got {t.phases}")
-    if t.phases == ["diffusion"] and not t.init_from:
-        raise UserError("train.phases=[diffusion] trains on a trained model's frozen encoders: set train.init_from")
     unknown = sorted(set(t.diffusion_trains) - {"unet", "caption_decoder", "image_decoder"})
     if unknown or not t.diffusion_trains:
         raise UserError(f"train.diffusion_trains takes unet, caption_decoder and image_decoder, got {t.diffusion_trains}")
+    if t.lora_rank < 0 or t.lora_alpha < 0 or (t.lora_rank and not t.lora_targets):
+        raise UserError("train.lora_rank and train.lora_alpha must be >= 0, and LoRA needs train.lora_targets")
+    if t.lora_rank and "unet" not in t.diffusion_trains:
+        raise UserError("train.lora_rank puts adapters on the UNet (and the image decoder): add unet to "
+                        "train.diffusion_trains")
     if t.feature_store not in ("memory", "disk"):
         raise UserError(f"train.feature_store must be memory or disk, got '{t.feature_store}'")
     s = cfg.sample

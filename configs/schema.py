@@ -77,6 +77,11 @@ class TrainConfig:
     init_from: str = ""                   # start from this checkpoint's weights (its model section too)
     diffusion_trains: list[str] = field(default_factory=lambda: ["unet", "caption_decoder", "image_decoder"])
     feature_store: str = "memory"         # memory | disk: written once per frozen weights and data, then reused
+    # > 0: the diffusion phase trains LoRA adapters (peft, diffusers' file layout) on the UNet's lora_targets and
+    # the image decoder's convolutions instead of their full weights
+    lora_rank: int = 0
+    lora_alpha: float = 0.0               # 0: equal to lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     diffusion_batch_size: int = 0         # the UNet's batch in the diffusion phase; 0: batch_size
     diffusion_learning_rate: float = 0.0  # the UNet's learning rate in the diffusion phase; 0: learning_rate
     diffusion_warmup_steps: int = 20

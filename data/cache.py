@@ -6,7 +6,8 @@
     image_ids.npy      (N_img,) int64      caption_image.npy  (N_cap,) int64
     input_ids.npy      (N_cap, T) int32    attention_mask.npy (N_cap, T) int8
     index.json         file names and caption strings
-Written into a .tmp folder and moved into place with os.replace, so a killed build leaves no half cache.
+Written with common.files.write_folder (a temporary folder renamed into place), so a killed build leaves no
+half cache.
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from common.files import UnwritableFolder, write_folder
 from configs.errors import UserError
 from data.coco import CocoCaptions, CaptionIndex, read_caption_index, special_token_ids, tokenize_captions
 from data.transforms import IMAGE_ERRORS, read_image
@@ -89,25 +90,28 @@ def build_cache(ann_file: Path, image_dir: Path, out_dir: Path, tokenizer, image
     start = time.perf_counter()
     source = _source(ann_file, image_dir, image_size, tokenizer_fingerprint(tokenizer, max_caption_len), limit)
     index = read_caption_index(ann_file, limit)
-    _remove_abandoned_builds(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as err:
-        raise UserError(f"cannot write the image cache {tmp.parent} ({err.strerror}); set data.root to a writable "
-                        f"folder or data.use_cache=false") from None
-    try:
+    built = []
+
+    def write(tmp: Path) -> None:
         manifest = _fill(tmp, index, image_dir, tokenizer, image_size, max_caption_len, processes)
         if not manifest["num_images"]:
             raise UserError(f"none of the {len(index.image_ids)} images listed in {ann_file} could be read "
                             f"from {image_dir}/")
         manifest.update(source=source, build_seconds=round(time.perf_counter() - start, 3))
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks the folder complete
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _move_into_place(tmp, out_dir)
+        built.append(manifest)
+
+    def is_fresh(folder: Path) -> bool:
+        manifest = read_manifest(folder)
+        return manifest is not None and manifest.get("source") == source
+
+    try:
+        # No lock: two processes may both build it; the first copy to land is kept.
+        write_folder(out_dir, write, is_complete=is_fresh)
+    except UnwritableFolder as err:
+        raise UserError(f"cannot write the image cache {out_dir.parent} ({err.strerror}); set data.root to a "
+                        f"writable folder or data.use_cache=false") from None
+    manifest = built[0] if built else read_manifest(out_dir) or {"skipped": []}
     if manifest["skipped"]:
         logger.warning("cache %s: skipped %d unreadable image(s), e.g. %s", out_dir, manifest["num_skipped"],
                        manifest["skipped"][0]["file_name"])
@@ -163,32 +167,6 @@ def _write_images(results, index: CaptionIndex, path: Path, image_size: int) -> 
     del images
     os.truncate(path, written * image_size * image_size * 3)
     return keep, skipped
-
-
-def _remove_abandoned_builds(out_dir: Path) -> None:
-    """Deletes .tmp-<pid> folders of builds whose process is gone (a killed COCO build leaves gigabytes)."""
-    for tmp in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):
-        pid = tmp.name.rpartition("-")[2]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)  # stale: its source changed
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        # another process finished the same cache first; keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out_dir / _MANIFEST).exists():
-            raise
 
 
 def read_manifest(cache_dir: Path) -> dict | None:

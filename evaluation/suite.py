@@ -209,9 +209,11 @@ def evaluate_checkpoint(checkpoint: str | Path | None = None, dataset: str | Non
     if (steps is not None and steps < 1) or batch_size < 1:
         raise UserError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     watch = Stopwatch()
+    if out_dir:
+        check_out_dir(Path(out_dir), overwrite)  # before anything loads: a refusal costs nothing
     checkpoint = resolve_checkpoint(checkpoint or None)
     out_dir = Path(out_dir) if out_dir else checkpoint / "eval"
-    check_out_dir(out_dir, overwrite)  # before the model loads: a refusal costs nothing
+    check_out_dir(out_dir, overwrite)
     model = load_checkpoint(checkpoint, resolve_device(device), use_ema=True)
     sample = model.config.sample
     steps, scheduler = steps or sample.steps, scheduler or sample.scheduler

@@ -7,7 +7,8 @@
     scheduler/             the training noise schedule
     trainer_state.pt       step, optimizer, LR schedule, RNG; read with weights_only=True
 
-Written into `<name>.tmp/` then renamed, so a folder with the final name is always complete.
+Written into a temporary sibling then renamed (common.files.write_folder), so a folder with the final name is
+always complete.
 """
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from common.files import atomic_dir
+from common.files import leftover_of, write_folder
 from configs.errors import UserError
 from configs.loading import config_from_dict, config_to_dict
+from models.lora import LORA_WEIGHT_NAME, apply_lora, has_lora, save_lora, without_adapters
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, TRAINER_STATE_FILE = "config.json", "model.safetensors", "trainer_state.pt"
@@ -42,22 +44,29 @@ def own_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model, folder: str | Path, ema=None, trainer_state: dict | None = None) -> Path:
-    """Writes model (unwrapped DuetModel), its EMA (diffusers EMAModel) and trainer state atomically."""
+    """Writes model (unwrapped DuetModel), its EMA (diffusers EMAModel) and trainer state atomically. A model with
+    LoRA adapters is written as its base weights plus the adapter files (models/lora.py), which load_checkpoint
+    applies."""
+    adapted = has_lora(model.diffusion.unet)
+    base = without_adapters(model) if adapted else model
+
     def write(tmp: Path) -> None:
-        config = {"format_version": FORMAT_VERSION, **config_to_dict(model.config)}
+        config = {"format_version": FORMAT_VERSION, **config_to_dict(base.config)}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        save_file(own_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        model.text_encoder.bert.save_pretrained(tmp / TEXT_ENCODER_DIR)
-        model.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
-        model.diffusion.unet.save_pretrained(tmp / UNET_DIR)
-        model.diffusion.noise_scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+        save_file(own_state_dict(base), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        base.text_encoder.bert.save_pretrained(tmp / TEXT_ENCODER_DIR)
+        base.tokenizer.save_pretrained(tmp / TEXT_ENCODER_DIR)
+        base.diffusion.unet.save_pretrained(tmp / UNET_DIR)
+        base.diffusion.noise_scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+        if adapted:
+            save_lora(tmp, model.diffusion.unet, image_decoder=model.image_decoder)
         if ema is not None:
             with torch.random.fork_rng(devices=[]):  # it builds a fresh UNet, which must not move the run's RNG
                 ema.save_pretrained(tmp / EMA_UNET_DIR)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
 
-    return atomic_dir(folder, write)
+    return write_folder(folder, write)
 
 
 def quiet_library_progress() -> None:
@@ -102,10 +111,12 @@ def read_config(folder: str | Path):
         raise UserError(f"{folder} was written by another version or config: {err}") from None
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+                    fuse_lora: bool = True):
     """Builds the DuetModel a checkpoint describes and loads its weights (strict); returns it in eval mode.
 
-    With use_ema the UNet is the EMA one when the checkpoint has it (what sampling wants)."""
+    With use_ema the UNet is the EMA one when the checkpoint has it (what sampling wants). The LoRA adapters of a
+    LoRA fine-tune's checkpoint are applied: fused into the weights, or live (fuse_lora=False: to train on)."""
     from diffusers import UNet2DConditionModel
     from transformers import AutoModel, AutoTokenizer
 
@@ -138,6 +149,8 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu", use_
     if missing or unexpected:
         key = (missing or unexpected)[0]
         raise UserError(f"checkpoint {folder} does not match its config.json (first mismatch: '{key}')")
+    if (folder / LORA_WEIGHT_NAME).is_file():
+        apply_lora(model, folder, fuse=fuse_lora)
     return model.to(device).eval()
 
 
@@ -152,9 +165,10 @@ def load_trainer_state(folder: str | Path) -> dict:
 
 
 def _is_complete_checkpoint(folder: Path, root: Path) -> bool:
-    """Our weights plus the HF subfolders (text_encoder/ holds a config.json too), outside any .tmp/.old folder."""
+    """Our weights plus the HF subfolders (text_encoder/ holds a config.json too), outside any temporary folder
+    (write_folder's `.tmp-<pid>-<n>` / `.old-<pid>-<n>`, or an earlier version's `.tmp` / `.old`)."""
     return ((folder / WEIGHTS_FILE).is_file() and (folder / TEXT_ENCODER_DIR).is_dir() and (folder / UNET_DIR).is_dir()
-            and not any(part.endswith((".tmp", ".old")) for part in folder.relative_to(root).parts))
+            and not any(leftover_of(part) for part in folder.relative_to(root).parts))
 
 
 def resolve_checkpoint(checkpoint: str | Path | None, root: str | Path = "outputs") -> Path:

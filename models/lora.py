@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -104,28 +103,44 @@ def save_lora(folder: str | Path, unet: nn.Module, text_encoder: nn.Module | Non
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
+    from common.files import temporary_folder
+
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    text = has_lora(text_encoder)
-    StableDiffusionLoraLoaderMixin.save_lora_weights(
-        tmp, unet_lora_layers=lora_layers(unet), unet_lora_adapter_metadata=_metadata(unet),
-        text_encoder_lora_layers=lora_layers(text_encoder, text_encoder=True) if text else None,
-        text_encoder_lora_adapter_metadata=_metadata(text_encoder) if text else None,
-        weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
-    if has_lora(image_decoder):
-        config = image_decoder.peft_config[ADAPTER_NAME]
-        state = get_peft_model_state_dict(image_decoder, adapter_name=ADAPTER_NAME)
-        spec = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / DECODER_WEIGHT_NAME,
-                  metadata={"format": "pt", "lora_config": json.dumps(spec)})
-    if extra is not None:
-        (tmp / "lora_info.json").write_text(json.dumps(extra, indent=2))
-    folder.mkdir(parents=True, exist_ok=True)
-    for item in tmp.iterdir():  # the folder may hold other outputs (a merged model, checkpoints): replace files only
-        os.replace(item, folder / item.name)
-    tmp.rmdir()
+    with temporary_folder(folder) as tmp:
+        text = has_lora(text_encoder)
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            tmp, unet_lora_layers=lora_layers(unet), unet_lora_adapter_metadata=_metadata(unet),
+            text_encoder_lora_layers=lora_layers(text_encoder, text_encoder=True) if text else None,
+            text_encoder_lora_adapter_metadata=_metadata(text_encoder) if text else None,
+            weight_name=LORA_WEIGHT_NAME, safe_serialization=True)
+        if has_lora(image_decoder):
+            config = image_decoder.peft_config[ADAPTER_NAME]
+            state = get_peft_model_state_dict(image_decoder, adapter_name=ADAPTER_NAME)
+            spec = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / DECODER_WEIGHT_NAME,
+                      metadata={"format": "pt", "lora_config": json.dumps(spec)})
+        if extra is not None:
+            (tmp / "lora_info.json").write_text(json.dumps(extra, indent=2))
+        folder.mkdir(parents=True, exist_ok=True)
+        # the folder may hold other outputs (a merged model, checkpoints): replace files only
+        for item in tmp.iterdir():
+            os.replace(item, folder / item.name)
     return folder / LORA_WEIGHT_NAME
+
+
+def without_adapters(model: nn.Module) -> nn.Module:
+    """A copy of a DuetModel with its UNet's and image decoder's LoRA layers removed, unmerged: the base weights."""
+    import copy
+
+    from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+    base = copy.deepcopy(model)
+    for module in (base.diffusion.unet, base.image_decoder):
+        if has_lora(module):
+            recurse_remove_peft_layers(module)
+            del module.peft_config
+            module._hf_peft_config_loaded = False
+    return base
 
 
 def lora_file(path: str | Path) -> Path:

@@ -40,6 +40,34 @@ def write_tiny_bert(folder: Path) -> Path:
     return folder
 
 
+TINTS = {"red": (235, 45, 40), "green": (60, 200, 70), "blue": (60, 110, 245), "yellow": (245, 220, 50)}
+GARMENTS = ("dress", "bag")
+
+
+def write_caption_set(folder: Path, count: int = 16, size: int = 16) -> Path:
+    """A COCO-format split pair of tinted blocks ("a photo of a red dress"), labelled like the fashion set: a tiny
+    domain to fine-tune on."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (folder / split).mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for i in range(count):
+            label, tint = i % 2, list(TINTS)[i % 4]
+            pixels = np.zeros((size, size, 3), np.uint8)
+            rows = slice(size // 8, size - size // 8) if label == 0 else slice(size * 3 // 8, size * 3 // 4)
+            pixels[rows, size // 4:size * 3 // 4] = TINTS[tint]    # a tall "dress", a short "bag"
+            Image.fromarray(pixels).save(folder / split / f"{i}.png")
+            images.append({"id": i + 1, "file_name": f"{i}.png", "label": label, "label_name": GARMENTS[label],
+                           "tint": tint})
+            annotations.append({"id": i + 1, "image_id": i + 1, "caption": f"a photo of a {tint} {GARMENTS[label]}"})
+        (folder / f"captions_{split}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return write_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))

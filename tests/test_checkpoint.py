@@ -162,9 +162,11 @@ def test_config_with_unknown_key_or_other_version_is_refused(saved, tmp_path):
 
 def test_leftover_tmp_folder_is_not_a_checkpoint(saved, tmp_path):
     complete = copy_of(saved[2], tmp_path)
-    partial = shutil.copytree(complete, tmp_path / "checkpoint-000009.tmp")  # as if killed before the rename
     newer = os.stat(complete / "model.safetensors").st_mtime + 10
-    os.utime(partial / "model.safetensors", (newer, newer))
+    # as if killed before the rename (write_folder's temporaries, and an earlier version's)
+    for name in ("checkpoint-000009.tmp-4242-0", "checkpoint-000009.old-4242-0", "checkpoint-000009.tmp"):
+        partial = shutil.copytree(complete, tmp_path / name)
+        os.utime(partial / "model.safetensors", (newer, newer))
     assert find_latest_checkpoint(tmp_path) == complete
     newest = copy_of(saved[2], tmp_path / "run")
     for path in newest.rglob("*"):

@@ -1,10 +1,14 @@
 """Nothing writes into a user's data: a run, its cache and an evaluation stay out of the dataset folder; generated
 worlds of two sizes live side by side; two processes generating one world get one complete set; unreadable images
-are counted once, the same by the cache build and the dataset."""
+are counted once, the same by the cache build and the dataset; the one folder writer (common.files.write_folder)
+writes a locked folder once, clears what killed writers left and never loses the old folder."""
 import hashlib
 import json
 import logging
 import multiprocessing
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +21,8 @@ from transformers import AutoTokenizer
 import data.embedded as embedded
 import evaluate
 import main as cli
+from common.files import UnwritableFolder, write_folder
+from configs.errors import UserError
 from configs.loading import load_config
 from data.cache import load_cached_captions, read_manifest
 from data.coco import CocoCaptions, resolve_split_files
@@ -26,6 +32,7 @@ from data.embedded import embedded_folder, ensure_embedded, read_split
 from models.checkpoint import save_checkpoint
 from models.duet import DuetModel
 
+REPO = Path(__file__).resolve().parents[1]
 READABLE, UNREADABLE = 16, 4          # images per split; half the unreadable are missing, half are not images
 COLOURS = ("red", "green", "blue", "yellow")
 
@@ -214,6 +221,137 @@ def test_two_processes_generating_one_world_get_one_complete_set(tmp_path, monke
     assert sorted(p.name for p in (tmp_path / "root").iterdir()) == sorted([folder.name, f".{folder.name}.lock"])
     assert len(read_split(folder, "train")) == 12 and len(read_split(folder, "val")) == 4
     assert len(list((folder / "train").iterdir())) == 12
+
+
+def _stamp(folder: Path, text: str) -> None:
+    (folder / "data.txt").write_text(text)
+    (folder / "done").write_text("")   # last: marks it complete
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "done").is_file()
+
+
+def _write_slowly_once(folder: str, log: str, start) -> bool:
+    start.wait()
+
+    def write(tmp: Path) -> None:
+        with open(log, "a") as f:
+            f.write("written\n")
+        time.sleep(0.5)
+        _stamp(tmp, "new")
+
+    write_folder(folder, write, is_complete=_done, lock=True)
+    return _done(Path(folder))
+
+
+def _in_child(*args) -> None:
+    if not _write_slowly_once(*args):
+        raise SystemExit(1)
+
+
+@pytest.mark.parametrize("writers", ["processes", "threads"])
+def test_locked_folder_is_written_once_and_the_second_writer_finds_it_complete(tmp_path, writers):
+    folder, log = tmp_path / "store" / "features", tmp_path / "writes.log"
+    if writers == "processes":
+        context = multiprocessing.get_context("fork")
+        start = context.Barrier(2)
+        workers = [context.Process(target=_in_child, args=(str(folder), str(log), start)) for _ in range(2)]
+    else:
+        start, found = threading.Barrier(2), []
+        workers = [threading.Thread(target=lambda: found.append(_write_slowly_once(str(folder), str(log), start)))
+                   for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    if writers == "processes":
+        assert [w.exitcode for w in workers] == [0, 0]
+    else:
+        assert found == [True, True]
+    assert log.read_text() == "written\n" and (folder / "data.txt").read_text() == "new"
+    assert sorted(p.name for p in folder.parent.iterdir()) == [".features.lock", "features"]
+
+
+def test_leftovers_of_dead_writers_are_removed_and_a_live_writers_kept(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        leftovers = [f"best_model.tmp-{dead.pid}-0", f"best_model.old-{dead.pid}-3", "best_model.tmp",
+                     f"best_model.tmp-{live.pid}-0", f"best_model-2.tmp-{dead.pid}-0"]
+        for name in leftovers:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "weights").write_text("half")
+        folder = write_folder(tmp_path / "best_model", lambda tmp: _stamp(tmp, "v1"))
+        # a live writer's temporary stays, and so does another folder's
+        kept = [f"best_model.tmp-{live.pid}-0", f"best_model-2.tmp-{dead.pid}-0"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best_model", *kept])
+        # the lock's holder takes every temporary of its folder for a killed writer's
+        write_folder(folder, lambda tmp: _stamp(tmp, "v2"), lock=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best_model", ".best_model.lock", kept[1]])
+        assert (folder / "data.txt").read_text() == "v2"
+    finally:
+        live.kill()
+        live.wait()
+
+
+@pytest.mark.slow
+def test_a_killed_write_leaves_the_old_folder_and_the_next_write_clears_its_temporary(tmp_path):
+    folder = write_folder(tmp_path / "best_model", lambda tmp: _stamp(tmp, "old"))
+    code = ("import time\nfrom common.files import write_folder\n"
+            "def write(tmp):\n    (tmp / 'data.txt').write_text('half')\n    time.sleep(60)\n"
+            f"write_folder({str(folder)!r}, write)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not list(tmp_path.glob("best_model.tmp-*/data.txt")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the write ended before it could be killed"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (folder / "data.txt").read_text() == "old" and _done(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model", f"best_model.tmp-{proc.pid}-0"]
+    write_folder(folder, lambda tmp: _stamp(tmp, "new"))
+    assert (folder / "data.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model"]   # no .tmp-/.old- left
+
+
+def test_write_folder_replaces_a_half_copy_keeps_a_finished_one_and_a_failed_write_changes_nothing(tmp_path):
+    folder = tmp_path / "cache"
+    (folder / "part").mkdir(parents=True)                          # a half copy: not complete, so replaced
+    assert write_folder(folder, lambda tmp: _stamp(tmp, "ours"), is_complete=_done) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["data.txt", "done"]
+    assert write_folder(folder, lambda tmp: pytest.fail("rewrote a complete folder"), is_complete=_done) == folder
+
+    def fail(tmp: Path) -> None:
+        (tmp / "data.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_folder(folder, fail)
+    assert (folder / "data.txt").read_text() == "ours" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+    other = tmp_path / "other"
+
+    def write_while_another_finishes(tmp: Path) -> None:
+        _stamp(tmp, "ours")
+        write_folder(other, lambda theirs: _stamp(theirs, "theirs"))   # another writer lands first
+
+    assert write_folder(other, write_while_another_finishes, is_complete=_done) == other
+    assert (other / "data.txt").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "cache", "other"]
+
+
+def test_an_unwritable_place_is_reported_before_anything_is_written(tmp_path):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.raises(UnwritableFolder):
+        write_folder(blocker / "features", lambda tmp: pytest.fail("wrote"), is_complete=_done, lock=True)
+    with pytest.raises(UserError, match="cannot write in the dataset folder .*set data.root to a writable folder"):
+        ensure_embedded(blocker / "root", 5, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
 
 
 def test_unreadable_images_are_counted_once_where_they_are_found(coco_folder, tokenizer, tmp_path, caplog):

@@ -210,3 +210,109 @@ def test_the_plan_is_renewed_every_few_hundred_steps():
 
     # early (the first steps run slow), then regularly: a machine that slows mid-run still ends on time
     assert [n for n in range(1, 1300) if plan_due(n)] == [10, 60, 300, 600, 900, 1200]
+
+
+# -- a fine-tune: the diffusion phase alone, from a trained checkpoint, on a domain's captioned images ------------
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    from conftest import write_caption_set
+
+    return write_caption_set(tmp_path_factory.mktemp("domain") / "blocks")
+
+
+def finetune_args(base: Path, domain: Path, out: Path, data_root: Path, *more: str, **extra) -> list[str]:
+    values = {"train.init_from": base, "data.dataset": domain, "data.root": data_root, "train.out_dir": out,
+              "train.max_steps": 4, "train.max_minutes": 0, "train.batch_size": 4, "train.diffusion_batch_size": 4,
+              "train.image_decoder_batch_size": 4, "train.save_every_steps": 2, "train.val_batches": 1,
+              "train.log_every_steps": 1, **extra}
+    return ["--config", "finetune", "--set", *[f"{k}={v}" for k, v in values.items()], *more]
+
+
+def run_folder(out: Path) -> Path:
+    (run,) = [p for p in out.iterdir() if p.is_dir()]
+    return run
+
+
+def changed(before: dict, after: dict, prefix: str) -> bool:
+    return any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith(prefix))
+
+
+def test_a_fine_tune_trains_the_unet_and_decoder_on_the_frozen_encoders(phased_run, domain, data_root, tmp_path,
+                                                                       capsys):
+    base = phased_run / "checkpoint-000008"
+    assert cli.main(finetune_args(base, domain, tmp_path, data_root)) == 0
+    assert "computed and written to" in capsys.readouterr().err
+    run = run_folder(tmp_path)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"] == json.loads((base / "config.json").read_text())["model"]   # the base's model section
+    rows = [r for r in rows_of(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["diff"] > 0 and r["img_rec"] > 0 and "cap" not in r and "cont" not in r for r in rows)
+    before, after = load_file(base / "model.safetensors"), load_file(run / "checkpoint-000004" / "model.safetensors")
+    for prefix in ("image_encoder.", "text_encoder.embed.", "caption_decoder.", "logit_scale"):
+        assert not changed(before, after, prefix), prefix
+    assert changed(before, after, "image_decoder.") and changed(before, after, "text_encoder.to_states.")
+    unet_before = load_file(base / "unet_ema" / "diffusion_pytorch_model.safetensors")   # sampling's UNet
+    unet_after = load_file(run / "checkpoint-000004" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert changed(unet_before, unet_after, "")
+    # A second fine-tune of the same base on the same data reads the features the first one wrote.
+    assert cli.main(finetune_args(base, domain, tmp_path / "again", data_root)) == 0
+    assert "read from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_killed_fine_tune_resumes_to_the_same_losses(phased_run, domain, data_root, tmp_path, monkeypatch, lora):
+    base = phased_run / "checkpoint-000008"
+    extra = {"train.lora_rank": 4} if lora else {}
+    assert cli.main(finetune_args(base, domain, tmp_path / "whole", data_root, **extra)) == 0
+    original, calls = phases.DiffusionPhase.step, []
+
+    def killed(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    args = finetune_args(base, domain, tmp_path / "killed", data_root, **extra)
+    with monkeypatch.context() as patch:
+        patch.setattr(phases.DiffusionPhase, "step", killed)
+        assert cli.main(args) == 130
+    assert cli.main([*args, "--resume", "latest"]) == 0
+    expected = {r["step"]: r["loss"] for r in rows_of(run_folder(tmp_path / "whole")) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in rows_of(run_folder(tmp_path / "killed")) if "loss" in r}
+    assert sorted(resumed) == sorted(expected) == [1, 2, 3, 4]
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], abs=1e-5), f"step {step}"
+
+
+def test_a_lora_fine_tune_keeps_the_base_and_diffusers_loads_its_adapter(phased_run, domain, data_root, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from models.checkpoint import load_checkpoint
+    from models.lora import DECODER_WEIGHT_NAME, LORA_WEIGHT_NAME
+
+    base = phased_run / "checkpoint-000008"
+    assert cli.main(finetune_args(base, domain, tmp_path, data_root, **{"train.lora_rank": 4})) == 0
+    checkpoint = run_folder(tmp_path) / "checkpoint-000004"
+    assert (checkpoint / LORA_WEIGHT_NAME).is_file() and (checkpoint / DECODER_WEIGHT_NAME).is_file()
+    assert not (checkpoint / "unet_ema").exists()
+    unet_file = "unet/diffusion_pytorch_model.safetensors"
+    unet_before, unet_after = load_file(base / "unet_ema" / "diffusion_pytorch_model.safetensors"), load_file(
+        checkpoint / unet_file)
+    assert not changed(unet_before, unet_after, "")                                    # the base, untouched
+    assert not changed(load_file(base / "model.safetensors"), load_file(checkpoint / "model.safetensors"), "")
+
+    tuned, plain = load_checkpoint(checkpoint), load_checkpoint(base)                  # adapters fused on load
+    diffusers_unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    diffusers_unet.load_lora_adapter(str(checkpoint), prefix="unet", weight_name=LORA_WEIGHT_NAME)
+    g = torch.Generator().manual_seed(0)
+    config = tuned.diffusion.unet.config
+    sample = torch.randn(2, config.in_channels, config.sample_size, config.sample_size, generator=g)
+    states, pooled = torch.randn(2, 5, config.cross_attention_dim, generator=g), torch.randn(2, 32, generator=g)
+    with torch.no_grad():
+        ours = tuned.diffusion.unet(sample, torch.tensor([10, 500]), states, class_labels=pooled).sample
+        theirs = diffusers_unet(sample, torch.tensor([10, 500]), states, class_labels=pooled).sample
+        untuned = plain.diffusion.unet(sample, torch.tensor([10, 500]), states, class_labels=pooled).sample
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+    assert (ours - untuned).abs().max() > 1e-4

@@ -95,7 +95,9 @@ def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, r
 class Trainer:
     """Holds everything a step needs and runs the phases (training/phases.py); `run()` below is the entry point."""
 
-    def __init__(self, cfg: DuetConfig, resume: str | None, ctx: DistributedContext):
+    def __init__(self, cfg: DuetConfig, resume: str | None, ctx: DistributedContext, model: DuetModel | None = None):
+        """model: start from this model in memory (a benchmark's variant of a checkpoint) instead of building or
+        loading one."""
         from data.datasets import build_datasets, caption_token_ids, resolve_dataset_name, skipped_at_build
 
         self.cfg, self.ctx, t = cfg, ctx, cfg.train
@@ -113,9 +115,15 @@ class Trainer:
 
         torch.manual_seed(t.seed)
         start_from = self.resume_dir or base
-        if start_from is not None:
-            # a fine-tune starts from the base's sampling (EMA) UNet; a resumed run from its raw one
-            self.model = load_checkpoint(start_from, use_ema=self.resume_dir is None)
+        if t.phases == ["diffusion"] and start_from is None and model is None:
+            raise UserError("train.phases=[diffusion] trains on a trained model's frozen encoders: set train.init_from")
+        if model is not None and self.resume_dir is None:
+            self.model, tokenizer = model, model.tokenizer
+        elif start_from is not None:
+            # a fine-tune starts from the base's sampling (EMA) UNet; a resumed run from its raw one (and its LoRA
+            # adapters live, to train on)
+            self.model = load_checkpoint(start_from, use_ema=self.resume_dir is None,
+                                         fuse_lora=self.resume_dir is None)
             tokenizer = self.model.tokenizer
         else:
             bert, tokenizer = load_text_backbone(cfg.model.text_encoder)
@@ -124,7 +132,7 @@ class Trainer:
         if len(self.train_set) < global_batch:
             raise UserError(f"train.batch_size={t.batch_size} (x{ctx.world_size} processes) is larger than the "
                             f"training set ({len(self.train_set)} samples); lower it with --set train.batch_size=N")
-        if start_from is not None:
+        if start_from is not None or model is not None:
             cfg.model.caption_vocab_size = self.model.config.model.caption_vocab_size
             self.model.config = cfg
         else:

@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from data.collate import to_device
+from models.lora import add_lora, conv_target_modules, has_lora
 from training.distributed import all_reduce_grads, all_reduce_mean
 from training.feature_store import load_features
 from training.features import diffusion_phase_losses, place_features
@@ -29,6 +30,7 @@ LOG_KEYS = JOINT_KEYS + ("img_rec", "cap")
 # What the diffusion phase may train; "unet" includes the projection of BERT's states it cross-attends to.
 TRAINABLE = {"unet": ("diffusion.unet", "text_encoder.to_states"), "caption_decoder": ("caption_decoder",),
              "image_decoder": ("image_decoder",)}
+ADAPTED = ("unet", "image_decoder")   # what train.lora_rank puts adapters on
 
 
 def new_ema(unet, decay: float) -> EMAModel:
@@ -169,10 +171,13 @@ class DiffusionPhase(Phase):
         trainer, t, model = self.trainer, self.trainer.cfg.train, self.trainer.model
         started = time.time()
         model.requires_grad_(False)
-        prefixes = [p for part in self.trains for p in TRAINABLE[part]]
+        lora = t.lora_rank > 0
+        prefixes = [p for part in self.trains for p in TRAINABLE[part] if not (lora and part in ADAPTED)]
         for name, module in model.named_modules():
             if name in prefixes:
                 module.requires_grad_(True)
+        if lora:
+            self._add_adapters(t)
         features, how = load_features(t.feature_store, trainer.cfg.data.root, model, trainer.train_set,
                                       t.diffusion_captions_per_image, trainer.ctx.device, trainer.autocast)
         readable = torch.as_tensor(features.readable).numpy()
@@ -191,10 +196,26 @@ class DiffusionPhase(Phase):
         warmup = min(t.diffusion_warmup_steps, max(1, (self.end - self.start) // 10))
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda i: warmup_cosine(warmup, self.end - self.start)(i))
-        if "unet" in self.trains and trainer.ctx.is_main:
+        if "unet" in self.trains and not lora and trainer.ctx.is_main:
             # The average starts here: before, the UNet did not train (or trained elsewhere).
             self.ema = trainer.restored_ema(state) or new_ema(model.diffusion.unet, t.ema_decay)
         self._restore(state)
+
+    def _add_adapters(self, t) -> None:
+        """LoRA on the UNet's t.lora_targets and the image decoder's convolutions, for those that train; a resumed
+        run's checkpoint brought its adapters back, which train on."""
+        model, count = self.trainer.model, 0
+        for part, module in (("unet", model.diffusion.unet), ("image_decoder", model.image_decoder)):
+            if part not in self.trains:
+                continue
+            if has_lora(module):
+                for name, param in module.named_parameters():
+                    param.requires_grad_(".lora_" in name)
+            else:
+                targets = t.lora_targets if part == "unet" else conv_target_modules(module)
+                add_lora(module, t.lora_rank, t.lora_alpha or float(t.lora_rank), targets)
+            count += sum(p.numel() for p in module.parameters() if p.requires_grad)
+        self.trainer.log(f"LoRA rank {t.lora_rank}: {count} adapter parameters train")
 
     def _batch(self) -> torch.Generator:
         """This step's batch generator: a function of (seed, rank, step), so a resumed run draws the same batches."""
