@@ -1,11 +1,10 @@
 """The CUDA paths, on the tiny preset: bf16 and fp16 (with its loss scaler), torch.compile and gradient checkpointing
-train through both phases; a checkpoint written on the GPU reads on the CPU with the same outputs; sampling on the
+train through both phases (checkpointing equals plain: tests/test_training_options.py, on the GPU too); a checkpoint written on the GPU reads on the CPU with the same outputs; sampling on the
 GPU is the same batched and alone; the server and fine-tuning run on the GPU.
 
 Marked `cuda` and skipped without a GPU: `pytest -m cuda` on a machine with one (bench/gpu_check.py runs them).
 DUET_CUDA_TESTS_ON_CPU=1 runs them on the CPU instead (autocast then stays off): the dry run before a GPU is at hand.
 """
-import copy
 import json
 import math
 import os
@@ -90,30 +89,6 @@ def test_compile_and_gradient_checkpointing_train_both_phases(tiny_bert, data_ro
     trainer = train(tiny_bert, data_root, tmp_path, **{option: "true", "train.mixed_precision": "bf16"})
     assert trainer.step == 6 and trainer.phase.name == "diffusion"
     assert all(math.isfinite(r["loss"]) for r in train_rows(trainer.run_dir))
-
-
-def losses_and_grads(model: DuetModel, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    torch.manual_seed(3)    # the same diffusion noise and timesteps for both models
-    model.zero_grad(set_to_none=True)
-    loss = model(batch)["loss"]
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_gradient_checkpointing_equals_plain(tiny_bert):
-    torch.manual_seed(0)
-    plain = DuetModel.build(tiny(tiny_bert, **{"model.freeze_bert": "false"})).to(DEVICE).train()
-    checkpointed = copy.deepcopy(plain)
-    checkpointed.enable_gradient_checkpointing()
-    generator = torch.Generator().manual_seed(1)
-    tokens = plain.tokenize(PROMPTS * 2)
-    batch = {"images": (torch.rand(6, 3, 16, 16, generator=generator) * 2 - 1).to(DEVICE), **tokens}
-    loss_a, grads_a = losses_and_grads(plain, batch)
-    loss_b, grads_b = losses_and_grads(checkpointed, batch)
-    assert torch.allclose(loss_a, loss_b, rtol=1e-5, atol=1e-6)
-    assert grads_a.keys() == grads_b.keys() and any(n.startswith("diffusion.unet.") for n in grads_a)
-    for name, grad in grads_a.items():
-        assert torch.allclose(grad, grads_b[name], rtol=1e-4, atol=1e-6), name
 
 
 @pytest.fixture(scope="module")
