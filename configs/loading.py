@@ -155,6 +155,8 @@ def validate(cfg: DuetConfig) -> DuetConfig:
     if t.lora_rank and "unet" not in t.diffusion_trains:
         raise UserError("train.lora_rank puts adapters on the UNet (and the image decoder): add unet to "
                         "train.diffusion_trains")
+    if t.report_to not in ("none", "tensorboard", "wandb"):
+        raise UserError(f"train.report_to (--report-to) must be none, tensorboard or wandb, got '{t.report_to}'")
     if t.feature_store not in ("memory", "disk"):
         raise UserError(f"train.feature_store must be memory or disk, got '{t.feature_store}'")
     s = cfg.sample

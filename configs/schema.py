@@ -95,6 +95,7 @@ class TrainConfig:
     compile: bool = False
     gradient_checkpointing: bool = False
     log_every_steps: int = 10
+    report_to: str = "tensorboard"        # none | tensorboard | wandb (offline unless WANDB_MODE says otherwise)
     val_every_steps: int = 0              # 0: once per epoch
     val_batches: int = 8
     save_every_steps: int = 500

@@ -272,3 +272,23 @@ def test_fp16_overflow_lowers_the_loss_scale_then_steps():
     assert results == [False, True]
     assert scaler.get_scale() == 2.0 ** 15
     assert weight.detach().lt(1).all() and weight.grad is None
+
+
+@pytest.mark.parametrize("tracker", ["none", "tensorboard", "wandb"])
+def test_scalars_and_sample_sheets_go_to_the_tracker(tiny_bert, data_root, tmp_path, tracker, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    settings = overrides(tiny_bert, data_root, tmp_path, **{"train.max_steps": 2, "train.epochs": 1})
+    assert cli.main(cli_args(settings, "--report-to", tracker)) == 0
+    run_dir = tmp_path / "embedded"
+    assert (run_dir / "tensorboard").exists() == (tracker == "tensorboard")
+    assert (run_dir / "wandb").exists() == (tracker == "wandb")
+    if tracker == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+        assert {"loss", "cont", "val_loss", "step_seconds"} <= set(events.Tags()["scalars"])
+        assert [e.step for e in events.Scalars("loss")] == [1, 2] and "samples" in events.Tags()["images"]
+    if tracker == "wandb":
+        (run,) = (run_dir / "wandb").glob("offline-run-*")
+        (history,) = run.glob("*.wandb")            # W&B's record log: keys are stored as plain strings
+        assert all(key in history.read_bytes() for key in (b"val_loss", b"step_seconds", b"samples"))

@@ -34,11 +34,12 @@ from training.phases import LOG_KEYS, build_phases
 from training.precision import autocast_and_scaler
 from training.state import (EpochSampler, commit_checkpoint, epoch_loader, resolve_resume, restore_rng_state,
                             rng_state)
+from training.trackers import Tracker, build_tracker, numbers
 
 # Train-section keys a resumed run may change; everything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
                      "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite",
-                     "feature_store"}
+                     "feature_store", "report_to"}
 NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
 
 
@@ -166,7 +167,7 @@ class Trainer:
 
         self.train_module = self.model
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.tensorboard = self._tensorboard()
+        self.tracker = build_tracker(t.report_to, self.run_dir, config_to_dict(cfg)) if ctx.is_main else Tracker()
 
     @property
     def skipped_images(self) -> int:
@@ -209,24 +210,12 @@ class Trainer:
         ema.to(self.ctx.device)
         return ema
 
-    def _tensorboard(self):
-        if not self.ctx.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # tensorboard is optional
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
     def _write_metrics(self, row: dict) -> None:
         if not self.ctx.is_main:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tensorboard is not None:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.tensorboard.add_scalar(key, value, row["step"])
+        self.tracker.scalars(numbers(row), row["step"])
 
     def _truncate_metrics(self) -> None:
         """On resume, drops log rows past the checkpoint so the curve continues without a fork."""
@@ -357,7 +346,7 @@ class Trainer:
         if val["val_loss"] < self.best_val_loss:
             self.best_val_loss = val["val_loss"]
             self.save(BEST_CHECKPOINT, with_state=False)
-        self.sample_sheet()
+        self.tracker.image("samples", self.sample_sheet(), self.step)
         loss_curve_png(self.metrics_path, self.run_dir / "loss_curve.png")
 
     def _guard_chance(self, window: list[dict], warned: bool) -> bool:
@@ -401,12 +390,13 @@ class Trainer:
                 self._begin(phase)
                 if self.step < phase.end and phase.run(deadline, bar):
                     break
+            if self.last_val_step != self.step:
+                self._after_validation(self.validate())
+            if ctx.is_main:
+                self.save(checkpoint_name(self.step))
         finally:
             bar.close()
-        if self.last_val_step != self.step:
-            self._after_validation(self.validate())
-        if ctx.is_main:
-            self.save(checkpoint_name(self.step))
+            self.tracker.close()
         if self.skipped_images:
             self.log(f"{self.skipped_images} unreadable images were skipped in all")
         minutes = (time.time() - self.started) / 60
