@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume latest", file=sys.stderr)
         return 130
-    print(f"done: {summary}")
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun, rank 0 speaks for the run
+        print(f"done: {summary}")
     return 0
 
 

@@ -49,6 +49,7 @@ def test_two_process_run_on_cpu(tiny_bert, tmp_path):
             "config.json"} <= {p.name for p in run_dir.iterdir()}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))
+    assert proc.stdout.count("done: ") == 1 and "inf" not in proc.stdout     # rank 0 alone prints the summary
 
     rank0, rank1 = (load_file(tmp_path / "states" / f"rank{r}.safetensors") for r in (0, 1))
     assert rank0.keys() == rank1.keys()
