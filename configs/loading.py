@@ -157,8 +157,8 @@ def validate(cfg: DuetConfig) -> DuetConfig:
                         "train.diffusion_trains")
     if t.report_to not in ("none", "tensorboard", "wandb"):
         raise UserError(f"train.report_to (--report-to) must be none, tensorboard or wandb, got '{t.report_to}'")
-    if t.feature_store not in ("memory", "disk"):
-        raise UserError(f"train.feature_store must be memory or disk, got '{t.feature_store}'")
+    if t.feature_store not in ("auto", "memory", "disk"):
+        raise UserError(f"train.feature_store must be auto, memory or disk, got '{t.feature_store}'")
     s = cfg.sample
     if s.steps < 1 or s.timestep_spacing not in ("leading", "trailing", "linspace"):
         raise UserError("sample.steps must be >= 1 and sample.timestep_spacing leading, trailing or linspace")

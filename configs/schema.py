@@ -76,7 +76,7 @@ class TrainConfig:
     joint_steps: int = 0
     init_from: str = ""                   # start from this checkpoint's weights (its model section too)
     diffusion_trains: list[str] = field(default_factory=lambda: ["unet", "caption_decoder", "image_decoder"])
-    feature_store: str = "memory"         # memory | disk: written once per frozen weights and data, then reused
+    feature_store: str = "auto"           # auto | memory | disk (written once per frozen weights and data, reused)
     # > 0: the diffusion phase trains LoRA adapters (peft, diffusers' file layout) on the UNet's lora_targets and
     # the image decoder's convolutions instead of their full weights
     lora_rank: int = 0

@@ -67,3 +67,13 @@ def test_the_key_follows_the_frozen_weights_and_the_data(world):
     train.input_ids = train.input_ids.copy()
     train.input_ids[0, 1] += 1
     assert features_key(model, train, 2) != key
+
+
+def test_auto_keeps_the_features_in_memory_while_they_fit(world, tmp_path, monkeypatch):
+    model, train, _ = world
+    features, _ = load_features("memory", tmp_path, model, train, 0, torch.device("cpu"), NO_AUTOCAST)
+    estimate = feature_store.estimated_bytes(model, train, 0)
+    assert features.nbytes <= estimate <= 1.1 * features.nbytes      # masks are stored at their longest caption
+    assert load_features("auto", tmp_path, model, train, 0, torch.device("cpu"), NO_AUTOCAST)[1] == "computed"
+    monkeypatch.setattr(feature_store, "RAM_SHARE", 0.0)               # a dataset larger than this machine's RAM
+    assert "written to" in load_features("auto", tmp_path, model, train, 0, torch.device("cpu"), NO_AUTOCAST)[1]

@@ -9,6 +9,7 @@ on disk.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -72,33 +73,45 @@ def cached_caption_rows(offsets: np.ndarray, per_image: int) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]).astype(np.int64)
 
 
+Allocate = Callable[[str, tuple, torch.dtype], torch.Tensor]
+
+
+def in_memory(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype)
+
+
 @torch.no_grad()
-def encode_images(model, dataset, device: torch.device, autocast):
-    """Every image of the dataset -> latents (N, Lc, h, w), tokens (N, M, C) (float32 on the CPU) and readable (N,)
-    bool; an unreadable image (an uncached COCO folder) gets zeros and readable False."""
-    latents, tokens, readable = [], [], []
-    side = model.config.model.image_size
-    for start in range(0, dataset.num_images, ENCODE_BATCH):
-        images = [dataset.image_tensor(i) for i in range(start, min(start + ENCODE_BATCH, dataset.num_images))]
-        readable += [im is not None for im in images]
+def encode_images(model, dataset, device: torch.device, autocast, allocate: Allocate = in_memory):
+    """Every image of the dataset -> latents (N, Lc, h, w), tokens (N, M, C) (float32, filled chunk by chunk into
+    what `allocate` gives: tensors, or the disk store's memory maps) and readable (N,) bool; an unreadable image
+    (an uncached COCO folder) gets zeros and readable False."""
+    side, count = model.config.model.image_size, dataset.num_images
+    latents = tokens = None
+    readable = allocate("readable", (count,), torch.bool)
+    for start in range(0, count, ENCODE_BATCH):
+        images = [dataset.image_tensor(i) for i in range(start, min(start + ENCODE_BATCH, count))]
+        readable[start:start + len(images)] = torch.tensor([im is not None for im in images])
         batch = torch.stack([im if im is not None else torch.zeros(3, side, side) for im in images]).to(device)
         with autocast():
             out = model.image_encoder(batch)
-        latents.append((out["latents"] * model.latent_scale).float().cpu())
-        tokens.append(out["tokens"].float().cpu())
-    return torch.cat(latents), torch.cat(tokens), torch.tensor(readable)
+        if latents is None:
+            latents = allocate("latents", (count, *out["latents"].shape[1:]), torch.float32)
+            tokens = allocate("tokens", (count, *out["tokens"].shape[1:]), torch.float32)
+        latents[start:start + len(images)] = (out["latents"] * model.latent_scale).float().cpu()
+        tokens[start:start + len(images)] = out["tokens"].float().cpu()
+    return latents, tokens, readable
 
 
 @torch.no_grad()
 def bert_states(bert, input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device,
-                autocast) -> torch.Tensor:
+                autocast, allocate: Allocate = in_memory) -> torch.Tensor:
     """Token ids (N, T) -> last hidden states (N, T, H) in fp16 on the CPU, zero on padding.
 
     Batches go shortest first and are cut to their longest caption; padding is masked out of attention, so the
     states equal a padded forward pass (to float16 precision)."""
     lengths = attention_mask.sum(1)
     order = lengths.argsort(stable=True)
-    hidden = torch.zeros(*input_ids.shape, bert.config.hidden_size, dtype=torch.float16)
+    hidden = allocate("hidden", (*input_ids.shape, bert.config.hidden_size), torch.float16)
     for start in range(0, len(order), BERT_BATCH):
         rows = order[start:start + BERT_BATCH]
         width = max(int(lengths[rows].max()), 1)
@@ -106,27 +119,34 @@ def bert_states(bert, input_ids: torch.Tensor, attention_mask: torch.Tensor, dev
             states = bert(input_ids=input_ids[rows, :width].to(device),
                           attention_mask=attention_mask[rows, :width].to(device)).last_hidden_state
         states = states * attention_mask[rows, :width, None].to(device)
-        hidden[rows, :width] = states.to(torch.float16).cpu()
+        block = torch.zeros(len(rows), *hidden.shape[1:], dtype=torch.float16)
+        block[:, :width] = states.to(torch.float16).cpu()
+        hidden[rows] = block
     return hidden
 
 
-def build_frozen_features(model, dataset, captions_per_image: int, device: torch.device, autocast) -> FrozenFeatures:
-    """The diffusion phase's inputs from the frozen model (in eval mode) and a CocoCaptions training set."""
+def build_frozen_features(model, dataset, captions_per_image: int, device: torch.device, autocast,
+                          allocate: Allocate = in_memory) -> FrozenFeatures:
+    """The diffusion phase's inputs from the frozen model (in eval mode) and a CocoCaptions training set, written
+    into what `allocate(name, shape, dtype)` gives (tensors in memory by default)."""
     was_training = model.training
     model.eval()
     try:
-        latents, tokens, readable = encode_images(model, dataset, device, autocast)
+        latents, tokens, readable = encode_images(model, dataset, device, autocast, allocate)
         rows = cached_caption_rows(dataset.caption_offsets, captions_per_image)
         rows = rows[readable.numpy()[dataset.index.caption_image[rows]]]
         mask = torch.from_numpy(dataset.attention_mask[rows].astype(np.int64))
         width = max(int(mask.sum(1).max()), 1)    # the longest caption; the rest of max_caption_len is padding
         ids = torch.from_numpy(dataset.input_ids[rows, :width].astype(np.int64))
         mask = mask[:, :width]
-        hidden = bert_states(model.text_encoder.bert, ids, mask, device, autocast)
+        hidden = bert_states(model.text_encoder.bert, ids, mask, device, autocast, allocate)
     finally:
         model.train(was_training)
-    image = torch.from_numpy(dataset.index.caption_image[rows].astype(np.int64))
-    return FrozenFeatures(latents, tokens, readable, hidden, mask, image)
+    stored_mask = allocate("mask", tuple(mask.shape), torch.int64)
+    stored_mask[:] = mask
+    image = allocate("image", (len(rows),), torch.int64)
+    image[:] = torch.from_numpy(dataset.index.caption_image[rows].astype(np.int64))
+    return FrozenFeatures(latents, tokens, readable, hidden, stored_mask, image)
 
 
 def place_features(features: FrozenFeatures, device: torch.device) -> FrozenFeatures:
