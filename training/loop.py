@@ -32,35 +32,13 @@ from training.guard import NonFiniteGuard
 from training.pace import StepClock, first_step_note, gpu_sized_on_cpu, peak_memory_gib
 from training.phases import LOG_KEYS, build_phases
 from training.precision import autocast_and_scaler
-from training.state import (EpochSampler, commit_checkpoint, epoch_loader, resolve_resume, restore_rng_state,
-                            rng_state)
+from training.state import (EpochSampler, check_resume_config, commit_checkpoint, epoch_loader, resolve_resume,
+                            restore_rng_state, rng_state)
 from training.trackers import Tracker, build_tracker, numbers
-
-# Train-section keys a resumed run may change; everything else must match the checkpoint's config.
-RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
-                     "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite",
-                     "feature_store", "report_to"}
-NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
-
 
 def _log(ctx: DistributedContext, message: str) -> None:
     if ctx.is_main:
         tqdm.write(message, file=sys.stderr)
-
-
-def _check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
-    mine, theirs = config_to_dict(cfg), config_to_dict(saved)
-    for section, values in theirs.items():
-        for key, value in values.items():
-            if section == "train" and key in RESUMABLE_CHANGES:
-                continue
-            if section == "sample":
-                continue  # sampling defaults do not touch training
-            if section == "model" and key == "caption_vocab_size":
-                continue  # filled in from the data at start
-            if mine[section][key] != value:
-                raise UserError(f"--resume: the checkpoint was trained with {section}.{key}={value!r}, "
-                                f"this run asks for {mine[section][key]!r}; use the same config or start a new run")
 
 
 def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, resume: str | None) -> Path:
@@ -112,7 +90,7 @@ class Trainer:
             # the weights decide the model section; the caption vocabulary stays the base's
             cfg.model = read_config(base).model
         if self.resume_dir is not None:
-            _check_resume_config(read_config(self.resume_dir), cfg)
+            check_resume_config(read_config(self.resume_dir), cfg)
 
         torch.manual_seed(t.seed)
         start_from = self.resume_dir or base

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from common.files import atomic_write_text
 from configs.errors import UserError
+from configs.loading import config_to_dict
 from data.collate import collate_captions
 from models.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE
 
@@ -76,6 +77,29 @@ def restore_loop_state(loop, state: dict) -> None:
     loop.lr_schedule.load_state_dict(state["lr_schedule"])
     loop.step, loop.epoch, loop.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
     restore_rng_state(state["rng"])
+
+
+# Train-section keys a resumed run may change; everything else must match the checkpoint's config.
+RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
+                     "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite",
+                     "feature_store", "report_to"}
+NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
+
+
+def check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
+    """A resumed run must train what its checkpoint trained: only RESUMABLE_CHANGES may differ."""
+    mine, theirs = config_to_dict(cfg), config_to_dict(saved)
+    for section, values in theirs.items():
+        for key, value in values.items():
+            if section == "train" and key in RESUMABLE_CHANGES:
+                continue
+            if section == "sample":
+                continue  # sampling defaults do not touch training
+            if section == "model" and key == "caption_vocab_size":
+                continue  # filled in from the data at start
+            if mine[section][key] != value:
+                raise UserError(f"--resume: the checkpoint was trained with {section}.{key}={value!r}, "
+                                f"this run asks for {mine[section][key]!r}; use the same config or start a new run")
 
 
 def commit_checkpoint(run_dir: Path, checkpoint: Path, keep: int) -> None:
