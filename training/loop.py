@@ -36,6 +36,9 @@ from training.state import (EpochSampler, check_resume_config, commit_checkpoint
                             restore_rng_state, rng_state)
 from training.trackers import Tracker, build_tracker, numbers
 
+NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
+
+
 def _log(ctx: DistributedContext, message: str) -> None:
     if ctx.is_main:
         tqdm.write(message, file=sys.stderr)

@@ -83,7 +83,6 @@ def restore_loop_state(loop, state: dict) -> None:
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
                      "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite",
                      "feature_store", "report_to"}
-NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
 
 
 def check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
