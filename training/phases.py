@@ -24,7 +24,6 @@ from training.feature_store import load_features
 from training.features import diffusion_phase_losses, place_features
 from training.optim import backward, build_optimizer, mean_step_seconds, optimizer_step, plan_due, warmup_cosine
 
-PHASES = ("joint", "diffusion")
 JOINT_KEYS = ("loss", "cont", "rec", "diff", "i2t", "t2i")
 LOG_KEYS = JOINT_KEYS + ("img_rec", "cap")
 # What the diffusion phase may train; "unet" includes the projection of BERT's states it cross-attends to.
