@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", help="'latest' or a checkpoint folder of this run")
     parser.add_argument("--out", help="where runs go (sets train.out_dir; default outputs)")
     parser.add_argument("--out-dir", dest="out", help=argparse.SUPPRESS)  # the spelling before --out
+    parser.add_argument("--device", help="auto (CUDA when present; the default), cpu, cuda or cuda:N (train.device)")
     parser.add_argument("--report-to", choices=("none", "tensorboard", "wandb"),
                         help="where scalars and sample sheets go besides metrics.jsonl (train.report_to; default "
                              "tensorboard; wandb runs offline unless WANDB_MODE=online)")
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"train.out_dir={args.out}")
         if args.overwrite:
             overrides.append("train.overwrite=true")
+        if args.device:
+            overrides.append(f"train.device={args.device}")
         if args.report_to:
             overrides.append(f"train.report_to={args.report_to}")
         cfg = load_config(args.config or default_preset(args.dataset), overrides)

@@ -34,9 +34,22 @@ class ModelConfig:
     dropout: float = 0.1
 
 
+# data.format: how a dataset path is read (data/sources.py); auto tells from the files it holds.
+DATA_FORMATS = ("auto", "coco", "imagefolder", "csv", "captions", "webdataset", "hf")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "auto"                 # auto | coco | embedded | fashion | a COCO-format folder
+    dataset: str = "auto"                 # auto | coco | embedded | fashion | a folder, CSV file or shard pattern
+    format: str = "auto"                  # one of DATA_FORMATS
+    # imagefolder, csv, hf columns; while a default is kept, the usual alternatives (open_clip's filepath and title
+    # among them, data/listing.py) are tried too
+    image_column: str = "file_name"
+    caption_column: str = "text"
+    csv_separator: str = ""               # "": tab for .tsv, else comma; "tab" or "\t" for a tab
+    val_fraction: float = 0.05            # held out (fixed seed) when the files name no val split
+    train_num_samples: int = 0            # webdataset: samples per epoch; 0: the shards' sizes.json
+    dataset_resampled: bool = False       # webdataset: draw shards with replacement (very large sets)
     root: str = "data"
     train_split: str = "train"
     val_split: str = "val"
@@ -89,6 +102,7 @@ class TrainConfig:
     image_decoder_batch_size: int = 0     # the image decoder's batch in the diffusion phase; 0: batch_size
     caption_batch_size: int = 0           # the caption decoder's batch in the diffusion phase; 0: batch_size
     ema_decay: float = 0.999
+    device: str = "auto"                  # auto (CUDA when present) | cpu | cuda | cuda:N
     mixed_precision: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | no | bf16 | fp16
     grad_clip: float = 1.0
     seed: int = 42

@@ -85,7 +85,7 @@ def test_yaml_bool_is_not_a_number():
         load_config("tiny", {"train.batch_size": True})
 
 
-@pytest.mark.parametrize("key, closest", [("train.lrr", "train.learning_rate"),
+@pytest.mark.parametrize("key, closest", [("train.lerning_rate", "train.learning_rate"),
                                           ("model.embed_dimm", "model.embed_dim"),
                                           ("train.batchsize", "train.batch_size"),
                                           ("modle.embed_dim", "model.embed_dim")])
@@ -137,10 +137,10 @@ def test_parse_overrides_keeps_order_and_last_wins():
 @pytest.mark.slow
 def test_cli_unknown_key_is_one_line_and_exit_2():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "main.py", "--set", "train.lrr=1"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "main.py", "--set", "train.lerning_rate=1"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "train.lrr" in lines[0] and "train.learning_rate" in lines[0]
+    assert "train.lerning_rate" in lines[0] and "train.learning_rate" in lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -292,3 +292,11 @@ def test_scalars_and_sample_sheets_go_to_the_tracker(tiny_bert, data_root, tmp_p
         (run,) = (run_dir / "wandb").glob("offline-run-*")
         (history,) = run.glob("*.wandb")            # W&B's record log: keys are stored as plain strings
         assert all(key in history.read_bytes() for key in (b"val_loss", b"step_seconds", b"samples"))
+
+
+def test_a_device_that_is_not_there_is_one_line_and_exit_2(tiny_bert, data_root, tmp_path, capsys):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert cli.main(cli_args(overrides(tiny_bert, data_root, tmp_path), "--device", "cuda:7")) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "cuda:7" in line

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from models.device import resolve_device
+
 
 @dataclass
 class DistributedContext:
@@ -24,15 +26,16 @@ class DistributedContext:
         return self.world_size > 1
 
 
-def init_distributed() -> DistributedContext:
-    """Reads torchrun's environment; a plain `python main.py` is a world of one."""
+def init_distributed(device: str = "auto") -> DistributedContext:
+    """Reads torchrun's environment; a plain `python main.py` is a world of one. device (train.device): auto takes
+    CUDA when present (GPU local_rank under torchrun), else the CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    chosen = resolve_device(device)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", chosen.index if chosen.index is not None and world_size == 1 else local_rank)
+        torch.cuda.set_device(chosen)
+    device = chosen
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(int(os.environ.get("RANK", "0")), world_size, local_rank, device)

@@ -389,7 +389,7 @@ def run(cfg: DuetConfig, resume: str | None = None) -> dict:
     """Trains as cfg says (under torchrun: one process per device) and returns a summary."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    ctx = init_distributed()
+    ctx = init_distributed(cfg.train.device)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*FutureWarning.*")

@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
@@ -179,7 +180,7 @@ class DiffusionPhase(Phase):
             self._add_adapters(t)
         features, how = load_features(t.feature_store, trainer.cfg.data.root, model, trainer.train_set,
                                       t.diffusion_captions_per_image, trainer.ctx.device, trainer.autocast)
-        readable = torch.as_tensor(features.readable).numpy()
+        readable = np.asarray(features.readable)
         self.readable_images = torch.from_numpy(readable.nonzero()[0])
         self.caption_rows = torch.from_numpy(readable[trainer.train_set.index.caption_image].nonzero()[0])
         self.features = place_features(features, trainer.ctx.device)

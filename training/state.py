@@ -82,7 +82,7 @@ def restore_loop_state(loop, state: dict) -> None:
 # Train-section keys a resumed run may change; everything else must match the checkpoint's config.
 RESUMABLE_CHANGES = {"epochs", "max_steps", "max_minutes", "num_workers", "log_every_steps", "val_every_steps",
                      "val_batches", "save_every_steps", "keep_checkpoints", "out_dir", "run_name", "overwrite",
-                     "feature_store", "report_to"}
+                     "feature_store", "report_to", "device"}
 
 
 def check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
