@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from configs.errors import UserError
-from configs.schema import DuetConfig
+from configs.schema import DATA_FORMATS, DuetConfig
 
 PRESET_DIR = Path(__file__).resolve().parent
 _TRUE = {"true", "1", "yes", "on"}
@@ -139,6 +139,16 @@ def validate(cfg: DuetConfig) -> DuetConfig:
         raise UserError(f"train.mixed_precision must be auto, no, bf16 or fp16, got '{t.mixed_precision}'")
     if d.caption_mode not in ("pairs", "random"):
         raise UserError(f"data.caption_mode must be pairs or random, got '{d.caption_mode}'")
+    if d.format not in DATA_FORMATS:
+        raise UserError(f"data.format must be one of {', '.join(DATA_FORMATS)}, got '{d.format}'")
+    if not 0 < d.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be between 0 and 1 (e.g. 0.05), got {d.val_fraction}")
+    if d.train_num_samples < 0 or not d.image_column or not d.caption_column:
+        raise UserError("data.train_num_samples must be >= 0, and data.image_column and data.caption_column "
+                        "must name a column")
+    if len(d.csv_separator) > 1 and d.csv_separator not in ("tab", "\\t"):
+        raise UserError(f"data.csv_separator must be one character, 'tab' or empty (by the file's suffix), "
+                        f"got '{d.csv_separator}'")
     if m.diffusion_objective not in ("epsilon", "v_prediction"):
         raise UserError(f"model.diffusion_objective must be epsilon or v_prediction, got '{m.diffusion_objective}'")
     if min(t.joint_steps, t.diffusion_batch_size, t.diffusion_captions_per_image, t.image_decoder_batch_size,

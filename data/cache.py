@@ -7,7 +7,8 @@
     input_ids.npy      (N_cap, T) int32    attention_mask.npy (N_cap, T) int8
     index.json         file names and caption strings
 Written with common.files.write_folder (a temporary folder renamed into place), so a killed build leaves no
-half cache.
+half cache. A COCO-format split is keyed by its annotation file; any other source's split (data/sources.py) by its
+identity, which holds a hash of its image list and captions.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 from common.files import UnwritableFolder, write_folder
 from configs.errors import UserError
 from data.coco import CocoCaptions, CaptionIndex, read_caption_index, special_token_ids, tokenize_captions
+from data.image_files import ImageFiles
 from data.transforms import IMAGE_ERRORS, read_image
 
 logger = logging.getLogger(__name__)
@@ -75,11 +77,17 @@ def _source(ann_file: Path, image_dir: Path, image_size: int, fingerprint: str, 
             "tokenizer": fingerprint, "limit": limit}
 
 
-def _decode(job: tuple[str, int]) -> tuple[np.ndarray | None, str]:
-    """Pool worker: (path, size) -> ((size, size, 3) uint8 or None, error message)."""
-    path, size = job
+def _split_source(identity: dict, image_size: int, fingerprint: str, limit: int) -> dict:
+    """_source for a split of any other source: its identity (data/sources.py) changes with its captions or
+    image list."""
+    return {"version": CACHE_VERSION, **identity, "image_size": image_size, "tokenizer": fingerprint, "limit": limit}
+
+
+def _decode(job: tuple) -> tuple[np.ndarray | None, str]:
+    """Pool worker: (image store, name, size) -> ((size, size, 3) uint8 or None, error message)."""
+    images, name, size = job
     try:
-        return read_image(path, size), ""
+        return read_image(images.open(name), size), ""
     except IMAGE_ERRORS as err:
         return None, f"{type(err).__name__}: {err}"
 
@@ -87,16 +95,28 @@ def _decode(job: tuple[str, int]) -> tuple[np.ndarray | None, str]:
 def build_cache(ann_file: Path, image_dir: Path, out_dir: Path, tokenizer, image_size: int, max_caption_len: int,
                 limit: int = 0, processes: int = 2) -> Path:
     """Decodes every image of a split once into out_dir (see the module docstring); unreadable ones are skipped."""
-    start = time.perf_counter()
     source = _source(ann_file, image_dir, image_size, tokenizer_fingerprint(tokenizer, max_caption_len), limit)
-    index = read_caption_index(ann_file, limit)
+    return _build(read_caption_index(ann_file, limit), ImageFiles(image_dir), source, out_dir, tokenizer, image_size,
+                  max_caption_len, processes, f"listed in {ann_file} could be read from {image_dir}/")
+
+
+def build_split_cache(split, out_dir: Path, tokenizer, image_size: int, max_caption_len: int, limit: int = 0,
+                      processes: int = 2) -> Path:
+    """build_cache for a split of any source (a data.sources.SplitSource, already limited)."""
+    source = _split_source(split.identity, image_size, tokenizer_fingerprint(tokenizer, max_caption_len), limit)
+    return _build(split.index, split.images, source, out_dir, tokenizer, image_size, max_caption_len, processes,
+                  f"of {split.where} could be read")
+
+
+def _build(index: CaptionIndex, images, source: dict, out_dir: Path, tokenizer, image_size: int,
+           max_caption_len: int, processes: int, none_read: str) -> Path:
+    start = time.perf_counter()
     built = []
 
     def write(tmp: Path) -> None:
-        manifest = _fill(tmp, index, image_dir, tokenizer, image_size, max_caption_len, processes)
+        manifest = _fill(tmp, index, images, tokenizer, image_size, max_caption_len, processes)
         if not manifest["num_images"]:
-            raise UserError(f"none of the {len(index.image_ids)} images listed in {ann_file} could be read "
-                            f"from {image_dir}/")
+            raise UserError(f"none of the {len(index.image_ids)} images {none_read}")
         manifest.update(source=source, build_seconds=round(time.perf_counter() - start, 3))
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: marks the folder complete
         built.append(manifest)
@@ -118,10 +138,10 @@ def build_cache(ann_file: Path, image_dir: Path, out_dir: Path, tokenizer, image
     return out_dir
 
 
-def _fill(tmp: Path, index: CaptionIndex, image_dir: Path, tokenizer, image_size: int, max_caption_len: int,
+def _fill(tmp: Path, index: CaptionIndex, images, tokenizer, image_size: int, max_caption_len: int,
           processes: int) -> dict:
     """Writes the cache files into tmp; returns the manifest's counts and skipped list."""
-    jobs = [(str(image_dir / name), image_size) for name in index.file_names]
+    jobs = [(images, name, image_size) for name in index.file_names]
     with contextlib.ExitStack() as stack:
         if processes > 1 and len(jobs) >= MIN_IMAGES_FOR_POOL:
             # Fork before the tokenizer thread starts, so no child inherits a lock that thread holds.
@@ -192,7 +212,7 @@ class CachedCocoCaptions(CocoCaptions):
         names = json.loads((self.cache_dir / "index.json").read_text())
         index = CaptionIndex(image_ids=np.load(self.cache_dir / "image_ids.npy"), file_names=names["file_names"],
                              captions=names["captions"], caption_image=np.load(self.cache_dir / "caption_image.npy"))
-        self.image_dir = None
+        self.image_dir = self.images = None
         self._images = None  # opened lazily, so pickling the dataset to a spawned worker copies no pixels
         self._setup(index, np.load(self.cache_dir / "input_ids.npy"), np.load(self.cache_dir / "attention_mask.npy"),
                     manifest["image_shape"][0], caption_mode, seed, manifest["special_ids"])
@@ -226,4 +246,18 @@ def load_cached_captions(ann_file: str | Path, image_dir: str | Path, cache_root
     if manifest is None or manifest["source"] != _source(ann_file, image_dir, image_size, fingerprint, limit):
         logger.info("building image cache %s", out_dir)
         build_cache(ann_file, image_dir, out_dir, tokenizer, image_size, max_caption_len, limit, processes)
+    return CachedCocoCaptions(out_dir, caption_mode=caption_mode, seed=seed)
+
+
+def load_cached_split(split, cache_root: str | Path, dataset_name: str, split_name: str, tokenizer, image_size: int,
+                      max_caption_len: int, caption_mode: str = "pairs", limit: int = 0, seed: int = 0,
+                      processes: int = 2) -> CachedCocoCaptions:
+    """load_cached_captions for a split of any source (a data.sources.SplitSource): rebuilt when its identity (its
+    image list and captions), the size or the tokenizer changed."""
+    fingerprint = tokenizer_fingerprint(tokenizer, max_caption_len)
+    out_dir = cache_dir_for(cache_root, dataset_name, split_name, image_size, fingerprint, limit)
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest["source"] != _split_source(split.identity, image_size, fingerprint, limit):
+        logger.info("building image cache %s", out_dir)
+        build_split_cache(split, out_dir, tokenizer, image_size, max_caption_len, limit, processes)
     return CachedCocoCaptions(out_dir, caption_mode=caption_mode, seed=seed)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from common.images import from_uint8
 from configs.errors import UserError
+from data.image_files import ImageFiles
 from data.transforms import IMAGE_ERRORS, read_image
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ def _coco_problem(tree) -> str:
 @dataclass
 class CaptionIndex:
     """Images in annotation order and their captions, grouped by image (caption_image is non-decreasing)."""
-    image_ids: np.ndarray      # (N_img,) int64 COCO image ids
-    file_names: list[str]      # N_img, relative to the image folder
+    image_ids: np.ndarray      # (N_img,) int64 COCO image ids (other sources: positions in their listing)
+    file_names: list[str]      # N_img, names in the split's image store (data/image_files.py)
     captions: list[str]        # N_cap
     caption_image: np.ndarray  # (N_cap,) int64 position of each caption's image in image_ids
 
@@ -181,7 +182,21 @@ class CocoCaptions(Dataset):
         index = read_caption_index(ann_file, limit)
         input_ids, attention_mask = tokenize_captions(tokenizer, index.captions, max_caption_len)
         self.image_dir = Path(image_dir)
+        self.images = ImageFiles(image_dir)
         self._setup(index, input_ids, attention_mask, image_size, caption_mode, seed, special_token_ids(tokenizer))
+
+    @classmethod
+    def from_index(cls, index: CaptionIndex, images, source: dict, tokenizer, image_size: int,
+                   max_caption_len: int, caption_mode: str = "pairs", seed: int = 0) -> CocoCaptions:
+        """The same dataset from any source's split (data/sources.py): its index, its image store
+        (data/image_files.py) and `source`, what it was read from (the feature store keys on it)."""
+        dataset = cls.__new__(cls)
+        input_ids, attention_mask = tokenize_captions(tokenizer, index.captions, max_caption_len)
+        dataset.images = images
+        dataset.image_dir = images.root
+        dataset.manifest = {"source": source}
+        dataset._setup(index, input_ids, attention_mask, image_size, caption_mode, seed, special_token_ids(tokenizer))
+        return dataset
 
     def _setup(self, index: CaptionIndex, input_ids: np.ndarray, attention_mask: np.ndarray, image_size: int,
                caption_mode: str, seed: int, special_ids: list[int]) -> None:
@@ -229,13 +244,13 @@ class CocoCaptions(Dataset):
 
     def _read_pixels(self, image_position: int) -> np.ndarray | None:
         """(H, W, 3) uint8, or None for a missing, corrupt or truncated file."""
-        path = self.image_dir / self.index.file_names[image_position]
+        name = self.index.file_names[image_position]
         try:
-            return read_image(path, self.image_size)
+            return read_image(self.images.open(name), self.image_size)
         except IMAGE_ERRORS as err:
-            if str(path) not in self._warned:  # once per file and process; the loop counts every skip
-                self._warned.add(str(path))
-                logger.warning("skipping unreadable image %s: %s", path, err)
+            if name not in self._warned:  # once per file and process; the loop counts every skip
+                self._warned.add(name)
+                logger.warning("skipping unreadable image %s: %s", self.images.describe(name), err)
             return None
 
     def image_tensor(self, image_position: int) -> torch.Tensor | None:
