@@ -149,9 +149,11 @@ def skipped_at_build(dataset) -> int:
     return int(getattr(dataset, "skipped_images", 0)) + int(getattr(dataset, "skipped_entries", 0))
 
 
-def build_split(cfg, name: str, folder: Path, split: str, tokenizer, limit: int, caption_mode: str) -> CocoCaptions:
+def build_split(cfg, name: str, folder: Path, split: str, tokenizer, limit: int, caption_mode: str,
+                whole: bool = False) -> CocoCaptions:
     """One split of a dataset (folder: dataset_folder(cfg, name)), from the image cache when cfg.data.use_cache is
-    set. Its `note` says how the split was made when no file said (the held-out val), else it is ""."""
+    set. Its `note` says how the split was made when no file said (the held-out val), else it is "". whole: read
+    a shard set's train split whole (it is streamed otherwise)."""
     fmt = resolve_format(cfg, name)
     common = dict(tokenizer=tokenizer, image_size=cfg.model.image_size, max_caption_len=cfg.model.max_caption_len,
                   caption_mode=caption_mode, seed=cfg.train.seed)
@@ -161,7 +163,7 @@ def build_split(cfg, name: str, folder: Path, split: str, tokenizer, limit: int,
     else:
         from data.sources import read_split
 
-        source = read_split(fmt, name, split, cfg.data, limit)
+        source = read_split(fmt, name, split, cfg.data, limit, whole)
     if not cfg.data.use_cache:
         dataset = (CocoCaptions(ann_file, image_dir, limit=limit, **common) if source is None else
                    CocoCaptions.from_index(source.index, source.images, source.identity, **common))
@@ -182,20 +184,22 @@ def build_split(cfg, name: str, folder: Path, split: str, tokenizer, limit: int,
     return dataset
 
 
-def build_datasets(cfg, tokenizer) -> tuple[CocoCaptions, CocoCaptions]:
+def build_datasets(cfg, tokenizer, whole: bool = False) -> tuple[CocoCaptions, CocoCaptions]:
     """(train, val) datasets for cfg.data; batch them with data.collate.collate_captions.
 
     Train follows cfg.data.caption_mode. Val always holds one caption per image (random mode, fixed unless
     set_epoch is called): in pairs mode an unshuffled val batch would hold five copies of each image, which
     makes in-batch retrieval meaningless. All references of an image: val.image_captions(position).
+    Webdataset shards are streamed (data.shards.build_stream) unless `whole` reads their train split into the image
+    cache (the diffusion phase needs random access).
     """
     name = resolve_dataset_name(cfg)
-    if resolve_format(cfg, name) == "webdataset":
+    if resolve_format(cfg, name) == "webdataset" and not whole:
         raise UserError(f"{name} holds webdataset shards, which are streamed (data.shards.build_stream), not read "
                         f"whole by build_datasets")
     folder = dataset_folder(cfg, name)
     train = build_split(cfg, name, folder, cfg.data.train_split, tokenizer, cfg.data.limit_train,
-                        cfg.data.caption_mode)
+                        cfg.data.caption_mode, whole)
     val = build_split(cfg, name, folder, cfg.data.val_split, tokenizer, cfg.data.limit_val, "random")
     return train, val
 

@@ -246,4 +246,6 @@ def stream_loader(stream: ShardStream, pin_memory: bool = False) -> DataLoader:
     """The loader a stream was built for: its batch size and worker count, batches from collate_captions.
     Not persistent: workers must copy the stream after each set_epoch."""
     return DataLoader(stream, batch_size=stream.batch_size, num_workers=stream.num_workers,
-                      collate_fn=collate_captions, pin_memory=pin_memory)
+                      collate_fn=collate_captions, pin_memory=pin_memory,
+                      # its own generator: making an iterator must not consume the global RNG (resume)
+                      generator=torch.Generator().manual_seed(stream.seed))

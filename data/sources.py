@@ -65,11 +65,11 @@ def detect_format(name: str) -> str:
     raise UserError(f"cannot tell the format of {path}: expected {_LAYOUTS}; or set data.format")
 
 
-def read_split(fmt: str, name: str, split: str, data, limit: int = 0) -> SplitSource:
+def read_split(fmt: str, name: str, split: str, data, limit: int = 0, whole: bool = False) -> SplitSource:
     """Split `split` of the source `name` in format `fmt` (not coco: data/coco.py reads that), its first `limit`
     captioned images (0: all). data: cfg.data."""
     if fmt == "webdataset":
-        return _shard_split(name, split, data, limit)
+        return _shard_split(name, split, data, limit, whole)
     listing, held_out = _split_listing(fmt, Path(name), split, data)
     if not listing.names:
         raise UserError(f"{listing.where} lists no image with a caption, read as data.format={fmt}; check "
@@ -171,7 +171,7 @@ def _to_source(fmt: str, listing: Listing, ids: np.ndarray, split: str, limit: i
             continue
         caption_image += [len(image_ids)] * len(texts)
         captions += texts
-        image_ids.append(i)
+        image_ids.append(i + 1)          # counted from 1, as COCO's ids are
         file_names.append(listing.names[i])
         if limit and len(image_ids) == limit:
             break
@@ -199,15 +199,18 @@ def index_digest(index: CaptionIndex) -> str:
     return digest.hexdigest()
 
 
-def _shard_split(spec: str, split: str, data, limit: int) -> SplitSource:
-    """A non-streamed split of a shard set: its val shards, read whole into memory (data/shards.py streams train)."""
-    if split != data.val_split:
+def _shard_split(spec: str, split: str, data, limit: int, whole: bool = False) -> SplitSource:
+    """A split of a shard set read whole into memory (its encoded images): the val shards, or the train shards when
+    `whole` (for the diffusion phase, which needs random access); data/shards.py streams train otherwise."""
+    if split != data.val_split and not whole:
         raise UserError(f"the '{split}' split of the webdataset shards {spec} is streamed, not read whole: train on "
                         f"it with data.shards.build_stream, or convert it (python -m data.convert)")
     shards = find_shard_set(spec, data.train_split, data.val_split, data.val_fraction)
-    names, captions, images, ids, skipped = read_split_shards(shards.val, limit)
+    names, captions, images, ids, skipped = read_split_shards(shards.val if split == data.val_split else shards.train,
+                                                              limit)
     listing = Listing(names, captions, images, images.where, skipped)
     source = _to_source("webdataset", listing, np.arange(len(names)), split, limit, shards.note, 0.0)
-    source.index.image_ids = np.asarray([ids[i] for i in source.index.image_ids], dtype=np.int64)
-    source.identity.update(path=spec, shards=shards.val, index_sha1=index_digest(source.index))
+    source.index.image_ids = np.asarray([ids[i - 1] for i in source.index.image_ids], dtype=np.int64)
+    source.identity.update(path=spec, shards=shards.val if split == data.val_split else shards.train,
+                           index_sha1=index_digest(source.index))
     return source

@@ -23,6 +23,7 @@ from configs.errors import UserError
 from configs.loading import config_to_dict, config_to_json
 from configs.schema import DuetConfig
 from data.collate import to_device
+from data.shards import build_stream, stream_loader
 from models.checkpoint import (BEST_CHECKPOINT, CHECKPOINT_PREFIX, CONFIG_FILE, EMA_UNET_DIR, checkpoint_name,
                                load_checkpoint, load_trainer_state, read_config, resolve_checkpoint, save_checkpoint)
 from models.duet import DuetModel
@@ -32,8 +33,8 @@ from training.guard import NonFiniteGuard
 from training.pace import StepClock, first_step_note, gpu_sized_on_cpu, peak_memory_gib
 from training.phases import LOG_KEYS, build_phases
 from training.precision import autocast_and_scaler
-from training.state import (EpochSampler, check_resume_config, commit_checkpoint, epoch_loader, resolve_resume,
-                            restore_rng_state, rng_state)
+from training.state import (EpochSampler, check_resume_config, commit_checkpoint, epoch_loader, make_run_dir,
+                            resolve_resume, restore_rng_state, rng_state)
 from training.trackers import Tracker, build_tracker, numbers
 
 NEAR_CHANCE_FACTOR = 3  # the guard warns while in-batch accuracy stays below this multiple of 1/B
@@ -44,49 +45,20 @@ def _log(ctx: DistributedContext, message: str) -> None:
         tqdm.write(message, file=sys.stderr)
 
 
-def _make_run_dir(cfg: DuetConfig, dataset_name: str, ctx: DistributedContext, resume: str | None) -> Path:
-    """<train.out_dir>/<train.run_name or the dataset's safe name>, never in the dataset's folder: a folder
-    dataset's path as the run name would otherwise swallow out_dir and write the run into the user's data. A new
-    run never replaces an earlier one there unless train.overwrite says so."""
-    from data.datasets import dataset_folder, refuse_inside_dataset, safe_dataset_name
-
-    out_dir, name = Path(cfg.train.out_dir), cfg.train.run_name
-    if name and (Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts):
-        raise UserError(f"train.run_name '{name}' must be a folder name inside train.out_dir "
-                        "(not absolute, no '..'); or leave it empty to name the run after the dataset")
-    run_dir = out_dir / (name or safe_dataset_name(dataset_name))
-    # Checked on every rank (no process may go on alone), before anything is created.
-    data = dataset_folder(cfg, dataset_name, create=False)
-    refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out PATH")
-    refuse_inside_dataset(run_dir, data, "the run folder", "choose another train.out_dir or train.run_name")
-    if not resume and not cfg.train.overwrite and (run_dir / CONFIG_FILE).exists():
-        raise UserError(f"{run_dir} holds an earlier run; continue it with --resume latest, replace it with "
-                        "--overwrite, or name a new one with --set train.run_name=NAME")
-    if ctx.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(f"cannot write to output folder {run_dir}: {err.strerror}; "
-                            "choose another with --set train.out_dir=PATH") from None
-    return run_dir
-
-
 class Trainer:
     """Holds everything a step needs and runs the phases (training/phases.py); `run()` below is the entry point."""
 
     def __init__(self, cfg: DuetConfig, resume: str | None, ctx: DistributedContext, model: DuetModel | None = None):
         """model: start from this model in memory (a benchmark's variant of a checkpoint) instead of building or
         loading one."""
-        from data.datasets import build_datasets, caption_token_ids, resolve_dataset_name, skipped_at_build
+        from data.datasets import (build_datasets, caption_token_ids, resolve_dataset_name, skipped_at_build,
+                                   uses_stream)
 
         self.cfg, self.ctx, t = cfg, ctx, cfg.train
         self.started = time.time()  # train.max_minutes counts data preparation too
         self.dataset_name = resolve_dataset_name(cfg)
         _log(ctx, f"dataset: {self.dataset_name} ({cfg.data.dataset} requested)")
-        self.run_dir = _make_run_dir(cfg, self.dataset_name, ctx, resume)
+        self.run_dir = make_run_dir(cfg, self.dataset_name, ctx.is_main, resume)
         self.resume_dir = resolve_resume(resume, self.run_dir) if resume else None
         base = resolve_checkpoint(t.init_from) if t.init_from else None
         if base is not None:
@@ -109,25 +81,39 @@ class Trainer:
             tokenizer = self.model.tokenizer
         else:
             bert, tokenizer = load_text_backbone(cfg.model.text_encoder)
-        self.train_set, self.val_set = build_datasets(cfg, tokenizer)
+        # Webdataset shards are streamed, unless a diffusion phase will need random access to the training set:
+        # then they are decoded once into the image cache, as a folder's images are.
+        self.stream = None
+        if uses_stream(cfg) and "diffusion" not in t.phases and not t.joint_steps:
+            self.stream, self.val_set, samples = build_stream(cfg, tokenizer, ctx.rank, ctx.world_size)
+            self.train_set = self.stream
+        else:
+            self.train_set, self.val_set = build_datasets(cfg, tokenizer, whole=True)
+            samples = len(self.train_set)
+        for note in dict.fromkeys(getattr(d, "note", "") for d in (self.train_set, self.val_set)):
+            if note:
+                self.log(note)
         global_batch = t.batch_size * ctx.world_size
-        if len(self.train_set) < global_batch:
+        if samples < global_batch:
             raise UserError(f"train.batch_size={t.batch_size} (x{ctx.world_size} processes) is larger than the "
-                            f"training set ({len(self.train_set)} samples); lower it with --set train.batch_size=N")
+                            f"training set ({samples} samples); lower it with --set train.batch_size=N")
         if start_from is not None or model is not None:
             cfg.model.caption_vocab_size = self.model.config.model.caption_vocab_size
             self.model.config = cfg
         else:
-            vocabulary = caption_token_ids(self.train_set)
-            cfg.model.caption_vocab_size = len(vocabulary)
+            # A stream's captions are not known ahead: its decoder speaks the tokenizer's whole vocabulary.
+            vocabulary = caption_token_ids(self.train_set) if self.stream is None else None
+            cfg.model.caption_vocab_size = len(vocabulary) if vocabulary else 0
             self.model = DuetModel(cfg, bert, tokenizer)
-            self.model.caption_decoder.set_vocabulary(vocabulary)
+            if vocabulary:
+                self.model.caption_decoder.set_vocabulary(vocabulary)
         self.model.to(ctx.device).train()
         if t.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
 
-        self.sampler = EpochSampler(len(self.train_set), t.batch_size, t.seed, ctx.rank, ctx.world_size)
-        self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // t.grad_accum_steps)
+        self.sampler = (EpochSampler(len(self.train_set), t.batch_size, t.seed, ctx.rank, ctx.world_size)
+                        if self.stream is None else None)
+        self.steps_per_epoch = max(1, self.batches_per_epoch // t.grad_accum_steps)
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.warmup_steps = int(t.warmup_epochs * self.steps_per_epoch)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -212,10 +198,19 @@ class Trainer:
 
     # -- what the phases call ------------------------------------------------------------------------------------
 
+    @property
+    def batches_per_epoch(self) -> int:
+        return (self.stream or self.sampler).batches_per_epoch
+
     def train_loader(self) -> DataLoader:
+        if self.stream is not None:
+            return stream_loader(self.stream, pin_memory=self.ctx.device.type == "cuda")
         return self._loader(self.train_set, self.sampler)
 
     def start_epoch(self) -> None:
+        if self.stream is not None:
+            self.stream.set_epoch(self.epoch, self.batch_in_epoch)
+            return
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(self.epoch)

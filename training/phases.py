@@ -135,7 +135,7 @@ class JointPhase(Phase):
                 if not trainer.record_step(metrics, self.keys, bar):
                     continue
                 if trainer.step % t.save_every_steps == 0 and trainer.ctx.is_main:
-                    if trainer.batch_in_epoch < trainer.sampler.batches_per_epoch:
+                    if trainer.batch_in_epoch < trainer.batches_per_epoch:
                         trainer.save_progress()
                     else:
                         save_after_epoch = True     # saved once the epoch is closed, so a resume starts the next

@@ -172,6 +172,6 @@ def train(pipe, cfg, resume: str | None = None, train_text_encoder: bool = False
     bar.close()
     trained.eval()
     if saved != loop.step or not (run_dir / checkpoint_name(loop.step)).is_dir():
-        save()
+        save()   # the end is always a checkpoint, even of a run cut off before its first step
     return {"run_dir": str(run_dir), "step": loop.step, "minutes": round((time.time() - started) / 60, 2),
             "loss": round(sum(losses[-50:]) / len(losses[-50:]), 5) if losses else None}

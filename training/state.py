@@ -1,5 +1,5 @@
-"""What makes a run resumable, for every training loop here: the epoch sampler and its loader, the loop's state
-(position, optimizer, LR schedule, RNG), the `latest` pointer and checkpoint rotation."""
+"""Where a run lives and what makes it resumable: its folder, the epoch sampler and its loader, the config a resume
+must share, the RNG, the `latest` pointer and checkpoint rotation."""
 from __future__ import annotations
 
 import random
@@ -13,7 +13,7 @@ from common.files import atomic_write_text
 from configs.errors import UserError
 from configs.loading import config_to_dict
 from data.collate import collate_captions
-from models.checkpoint import CHECKPOINT_PREFIX, LATEST_FILE
+from models.checkpoint import CHECKPOINT_PREFIX, CONFIG_FILE, LATEST_FILE
 
 
 class EpochSampler(Sampler[int]):
@@ -99,6 +99,36 @@ def check_resume_config(saved: DuetConfig, cfg: DuetConfig) -> None:
             if mine[section][key] != value:
                 raise UserError(f"--resume: the checkpoint was trained with {section}.{key}={value!r}, "
                                 f"this run asks for {mine[section][key]!r}; use the same config or start a new run")
+
+
+def make_run_dir(cfg, dataset_name: str, is_main: bool, resume: str | None) -> Path:
+    """<train.out_dir>/<train.run_name or the dataset's safe name>, never in the dataset's folder: a folder
+    dataset's path as the run name would otherwise swallow out_dir and write the run into the user's data. A new
+    run never replaces an earlier one there unless train.overwrite says so."""
+    from data.datasets import dataset_folder, refuse_inside_dataset, safe_dataset_name
+
+    out_dir, name = Path(cfg.train.out_dir), cfg.train.run_name
+    if name and (Path(name).is_absolute() or ".." in Path(name).parts or not Path(name).parts):
+        raise UserError(f"train.run_name '{name}' must be a folder name inside train.out_dir "
+                        "(not absolute, no '..'); or leave it empty to name the run after the dataset")
+    run_dir = out_dir / (name or safe_dataset_name(dataset_name))
+    # Checked on every rank (no process may go on alone), before anything is created.
+    data = dataset_folder(cfg, dataset_name, create=False)
+    refuse_inside_dataset(out_dir, data, "train.out_dir", "choose another with --out PATH")
+    refuse_inside_dataset(run_dir, data, "the run folder", "choose another train.out_dir or train.run_name")
+    if not resume and not cfg.train.overwrite and (run_dir / CONFIG_FILE).exists():
+        raise UserError(f"{run_dir} holds an earlier run; continue it with --resume latest, replace it with "
+                        "--overwrite, or name a new one with --set train.run_name=NAME")
+    if is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise UserError(f"cannot write to output folder {run_dir}: {err.strerror}; "
+                            "choose another with --set train.out_dir=PATH") from None
+    return run_dir
 
 
 def commit_checkpoint(run_dir: Path, checkpoint: Path, keep: int) -> None:
