@@ -1,4 +1,5 @@
-"""PNG figures drawn with PIL alone: loss curves from metrics.jsonl and sample sheets (training and evaluation)."""
+"""PNG figures drawn with PIL alone: loss curves from metrics.jsonl, sample sheets (training and evaluation) and
+captioned image grids (specialisation's contact sheet and comparison grid)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 CURVE_COLOURS = {"loss": (31, 119, 180), "cont": (255, 127, 14), "rec": (44, 160, 44), "diff": (214, 39, 40),
                  "val_loss": (0, 0, 0)}
@@ -63,5 +64,31 @@ def sample_sheet_png(generated: list[Image.Image], prompts: list[str], real: lis
         for col, (img, text) in enumerate(zip(images, texts)):
             sheet.paste(img.resize((cell, cell), Image.NEAREST), (col * cell, top))
             draw.multiline_text((col * cell + 2, top + cell + 2), "\n".join(textwrap.wrap(text, 22)[:3]), fill="black")
+    sheet.save(out_path)
+    return out_path
+
+
+def image_grid_png(rows: list[list[tuple[Image.Image, str, str]]], titles: list[str], out_path: Path,
+                   cell: int = 96, text_lines: int = 3, row_labels: list[str] | None = None) -> Path:
+    """rows[r][c] = (image, the text under it, its colour) -> a PNG with a column per title, images resized to cell
+    (nearest: small images keep their pixels visible), and a first column of wrapped row_labels when given."""
+    font = ImageFont.load_default(size=10)  # Pillow's scalable font (the bitmap one drops spaces)
+    line_h, header, chars = 12, 14, cell // 5
+    label_w = 150 if row_labels else 0
+    row_h = cell + text_lines * line_h + 8
+    sheet = Image.new("RGB", (label_w + len(titles) * (cell + 4) + 4, header + len(rows) * row_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for col, title in enumerate(titles):
+        draw.text((label_w + 4 + col * (cell + 4), 1), title, fill="black", font=font)
+    for r, row in enumerate(rows):
+        top = header + r * row_h
+        for i, line in enumerate(textwrap.wrap(row_labels[r], label_w // 6)[:row_h // line_h] if row_labels else []):
+            draw.text((4, top + i * line_h), line, fill="black", font=font)
+        for col, (image, text, colour) in enumerate(row):
+            left = label_w + 4 + col * (cell + 4)
+            sheet.paste(image.resize((cell, cell), Image.NEAREST), (left, top))
+            for i, line in enumerate(textwrap.wrap(text, chars)[:text_lines]):
+                draw.text((left, top + cell + 2 + i * line_h), line, fill=colour, font=font)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out_path)
     return out_path

@@ -4,6 +4,7 @@ safetensors under <data.root>/cache/fashion_classifier/, retrained when missing.
 It reads tinted RGB images of any size: the input is resized to the fashion set's 32x32, unpadded to the original
 28x28, and reduced to its brightest channel over that channel's maximum, which undoes a multiplicative tint. It is
 still trained on randomly tinted copies, so that path (and impure generated colours) is what it learns from.
+FashionAgreement scores a generated image against a target: its class and its tint (estimate_tints).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ WEIGHTS_NAME = "classifier.safetensors"
 NUM_CLASSES = 10
 NATIVE_SIZE, PADDED_SIZE = 28, 32  # Fashion-MNIST's side, and data/fashion.py's (padded with 2 black pixels)
 TEST_SEED = 1
+BRIGHT = 0.15   # pixels darker than this (in [0, 1]) are background and carry no tint
 
 
 def conv_block(in_ch: int, out_ch: int) -> list[nn.Module]:
@@ -201,3 +203,40 @@ def load_fashion_classifier(root: str | Path, train_if_missing: bool = True, ver
         print(f"fashion classifier: test accuracy {classifier.test_accuracy:.2%} after {time.time() - start:.0f} s",
               flush=True)
     return classifier
+
+
+def estimate_tints(images: torch.Tensor, tints: dict[str, tuple[int, int, int]]) -> list[str]:
+    """(B, 3, H, W) in [-1, 1] -> the named tint whose RGB direction is closest to each image's brightness-weighted
+    mean colour (the fashion set multiplies grey levels by one colour, so that direction is the tint's)."""
+    x = (images.detach().float().cpu() + 1) / 2                                     # (B, 3, H, W)
+    weight = x.amax(dim=1, keepdim=True)                                            # (B, 1, H, W)
+    weight = torch.where(weight > BRIGHT, weight ** 2, torch.zeros_like(weight))
+    colour = (x * weight).sum(dim=(2, 3)) / weight.sum(dim=(2, 3)).clamp(min=1e-6)  # (B, 3)
+    names = list(tints)
+    directions = F.normalize(torch.tensor([tints[n] for n in names], dtype=torch.float32), dim=-1)   # (T, 3)
+    nearest = (F.normalize(colour, dim=-1) @ directions.t()).argmax(dim=-1)
+    return [names[i] for i in nearest.tolist()]
+
+
+class FashionAgreement:
+    """agreement(images, target) -> mean over images of class match and (when the target has a tint) tint match;
+    a target has `.image` (3, H, W) and `.labels` (label, tint when known). `parts` of the last call keeps the two
+    shares apart for the reports."""
+
+    def __init__(self, classifier: FashionClassifier):
+        self.classifier = classifier.eval()
+        self.tints = FASHION_TINTS
+        self.parts: dict[str, float] = {}
+
+    def target_label(self, target) -> int:
+        if "label" in target.labels:
+            return int(target.labels["label"])
+        return int(self.classifier.classify(target.image[None])[0][0])
+
+    def agreement(self, images: torch.Tensor, target) -> float:
+        predicted, _ = self.classifier.classify(images.detach().float().cpu())
+        self.parts = {"class": float((predicted == self.target_label(target)).float().mean())}
+        tint = target.labels.get("tint") or estimate_tints(target.image[None], self.tints)[0]
+        if tint in self.tints:
+            self.parts["tint"] = sum(t == tint for t in estimate_tints(images, self.tints)) / len(images)
+        return round(sum(self.parts.values()) / len(self.parts), 6)

@@ -58,10 +58,11 @@ def image_text_score(model, images: torch.Tensor, texts: list[str]) -> torch.Ten
     """CLIP-score style (Hessel et al., without their 2.5 weight): 100 * max(cos, 0) between each image (N, 3, H, W)
     and its text under the model's own encoders -> (N,). Only meaningful once the encoders are aligned."""
     assert len(images) == len(texts), "one text per image"
-    return _score_features(image_features(model, images), text_embeddings(model, texts))
+    return score_features(image_features(model, images), text_embeddings(model, texts))
 
 
-def _score_features(features: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+def score_features(features: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """Image features (N, D), any scale, and normalised text embeds (N, D) -> 100 * max(cos, 0) per pair (N,)."""
     return 100 * (F.normalize(features, dim=-1) * text_embeds).sum(-1).clamp(min=0)
 
 
@@ -160,7 +161,7 @@ def generated_image_metrics(model, prompts: list[str], images: torch.Tensor, rea
     assert len(images) == len(prompts), "one prompt per image"
     features = image_features(model, images)
     out: dict = {"num_generated": len(images),
-                 "image_text_score": float(_score_features(features, text_embeddings(model, prompts)).mean())}
+                 "image_text_score": float(score_features(features, text_embeddings(model, prompts)).mean())}
     if real_features is not None and len(images) >= 2 and len(real_features) >= 2:
         out["fd_duet_features"] = frechet_distance(features, real_features)
         out["fd_label"] = FD_LABEL

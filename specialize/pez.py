@@ -1,9 +1,7 @@
 """PEZ discrete prompt search (Wen et al. 2023, "Hard Prompts Made Easy"): continuous token embeddings, projected
-to their nearest vocabulary tokens at every step, optimised with the gradient taken at the projection.
-
-The objective is the cosine between the prompt's text embedding and a target image embedding, through the
-backend's own text encoder; model weights never change (only the prompt embeddings get gradients).
-"""
+to their nearest vocabulary tokens at every step, move along the gradient taken at the projection. The objective is
+the cosine between the prompt's text embedding (the adapter's own text encoder) and a target image embedding; only
+the prompt embeddings get gradients, so the model's weights never change."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -39,11 +37,11 @@ def replaced_token_embeddings(embedding: torch.nn.Embedding, offset: int, prompt
         handle.remove()
 
 
-def encode_prompt_embeds(backend, token_ids: list[int], prompt_embeds: torch.Tensor) -> torch.Tensor:
+def encode_prompt_embeds(adapter, token_ids: list[int], prompt_embeds: torch.Tensor) -> torch.Tensor:
     """Text embedding (1, E) of the prompt whose token embeddings are prompt_embeds (K, D); differentiable."""
-    input_ids, attention_mask, offset = backend.wrap_prompt_ids(token_ids)
-    with replaced_token_embeddings(backend.token_embedding, offset, prompt_embeds):
-        return backend.encode_token_ids(input_ids, attention_mask)
+    input_ids, attention_mask, offset = adapter.wrap_prompt_ids(token_ids)
+    with replaced_token_embeddings(adapter.token_embedding, offset, prompt_embeds):
+        return adapter.encode_token_ids(input_ids, attention_mask)
 
 
 def project(prompt_embeds: torch.Tensor, vocab_embeds: torch.Tensor) -> torch.Tensor:
@@ -51,13 +49,13 @@ def project(prompt_embeds: torch.Tensor, vocab_embeds: torch.Tensor) -> torch.Te
     return (F.normalize(prompt_embeds, dim=-1) @ F.normalize(vocab_embeds, dim=-1).t()).argmax(dim=-1)
 
 
-def pez_search(backend, target_embeds: torch.Tensor, num_tokens: int = 8, steps: int = 50, lr: float = 0.1,
+def pez_search(adapter, target_embeds: torch.Tensor, num_tokens: int = 8, steps: int = 50, lr: float = 0.1,
                weight_decay: float = 0.1, init_ids: list[int] | None = None, seed: int = 0) -> PezResult:
     """Searches num_tokens vocabulary tokens whose text embedding is closest to target_embeds (E,) or (N, E)
     (mean cosine). init_ids start the search (cut or padded with random vocabulary tokens to num_tokens)."""
-    device = backend.token_embedding.weight.device
-    table = backend.token_embedding.weight.detach()                              # (V, D)
-    vocab_ids = backend.vocabulary_ids().to(device)                               # (V',)
+    device = adapter.token_embedding.weight.device
+    table = adapter.token_embedding.weight.detach()                              # (V, D)
+    vocab_ids = adapter.vocabulary_ids().to(device)                               # (V',)
     vocab_embeds = table[vocab_ids]                                               # (V', D)
     target = F.normalize(target_embeds.to(device).float().reshape(-1, target_embeds.shape[-1]), dim=-1)
     generator = torch.Generator().manual_seed(seed)
@@ -71,7 +69,7 @@ def pez_search(backend, target_embeds: torch.Tensor, num_tokens: int = 8, steps:
         for step in range(steps + 1):
             ids = vocab_ids[project(prompt_embeds.detach(), vocab_embeds)].tolist()
             projected = table[ids].clone().requires_grad_(True)                     # (K, D), the hard prompt
-            text_embeds = encode_prompt_embeds(backend, ids, projected)              # (1, E)
+            text_embeds = encode_prompt_embeds(adapter, ids, projected)              # (1, E)
             cosine = (F.normalize(text_embeds.float(), dim=-1) @ target.t()).mean()
             history.append(cosine.item())
             if best is None or history[-1] > best[1]:
@@ -84,5 +82,5 @@ def pez_search(backend, target_embeds: torch.Tensor, num_tokens: int = 8, steps:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     ids, cosine = best
-    prompt = backend.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    prompt = adapter.tokenizer.decode(ids, skip_special_tokens=True).strip()
     return PezResult(ids, prompt, cosine, history)

@@ -1,10 +1,7 @@
-"""Prompt optimisation for a domain, weights untouched: zero-shot attribute features -> prompt strategies ->
-images from fixed seeds -> target-to-generated similarity -> the best prompt per target within a budget.
-
-`python specialize.py --mode prompt [--checkpoint DIR | --backend sd --model-path SD --clip-path CLIP]` writes
-<out>/prompt/targets/<id>.json, summary.json and contact_sheet.png. The selection seeds pick the prompt; fresh
-held-out seeds then score the naive and the chosen prompt again, so the reported gain is not the winner's luck.
-"""
+"""Prompt optimisation for a domain, weights untouched: zero-shot attribute features -> prompt strategies -> images
+from fixed seeds -> target-to-generated similarity -> the best prompt per target within a budget. Writes
+<out>/prompt/targets/<id>.json, summary.json and contact_sheet.png. Fresh held-out seeds score the naive and the
+chosen prompt again, so the reported gain is not the luck of the seeds that picked the winner."""
 from __future__ import annotations
 
 import argparse
@@ -18,24 +15,27 @@ from typing import Iterator
 import torch
 
 from configs.errors import UserError
-from specialize.launcher import OUT_SUBDIRS
-from specialize.attribute_tables import DEFAULT_ATTRIBUTES_DIR, AttributeTable, load_attribute_tables
-from specialize.features import Features, TextEmbeddingCache, score_attributes
+from evaluation.fashion_classifier import FashionAgreement
+from specialize.adapters import chunked, weights_checksum
+from specialize.attributes import (ATTRIBUTE_STRATEGIES, DEFAULT_ATTRIBUTES_DIR, NAIVE_STRATEGY, STRATEGIES,
+                                   AttributeTable, Features, PromptStyle, TextEmbeddingCache, attribute_choice,
+                                   choice_neighbours, compose_prompt, load_attribute_tables, score_attributes)
+from specialize.domain import Target, domain_classifier, find_targets, read_targets
+from specialize.loading import load_adapter
 from specialize.pez import pez_search
-from specialize.prompt_report import contact_sheet, summarize, write_json
+from specialize.reports import contact_sheet, summarize, write_json
 from specialize.search import PromptSearch, Proposal, Score
-from specialize.strategies import (ATTRIBUTE_STRATEGIES, NAIVE_STRATEGY, STRATEGIES, PromptStyle,
-                                   attribute_choice, choice_neighbours, compose_prompt)
-from specialize.targets import Target, find_targets, read_targets
 
 logger = logging.getLogger("duet.specialize.prompt")
 HELDOUT_SEED_OFFSET = 10_000   # held-out seeds never overlap the selection seeds
 DEFAULT_STRATEGIES = ("type_only", "caption", "top1", "high_confidence", "all_attributes", "pez", "refine")
+MINIMUMS = {"num_images": 1, "budget": 1, "heldout_images": 0, "patience": 0, "pez_steps": 0, "pez_tokens": 0,
+            "num_targets": 0}   # specialize/cli.py checks these
 
 
 @dataclass
 class PromptOptSettings:
-    """Everything `--mode prompt` needs beyond the backend and the targets."""
+    """Everything `--mode prompt` needs beyond the adapter and the targets."""
     strategies: tuple[str, ...] = DEFAULT_STRATEGIES
     style: PromptStyle = field(default_factory=PromptStyle)
     num_images: int = 2            # images per prompt (selection seeds)
@@ -57,7 +57,7 @@ class PromptOptSettings:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of --mode prompt (the launcher owns --checkpoint, --backend, --dataset, --out, ...)."""
+    """The flags of --mode prompt (specialize/cli.py owns --checkpoint, --backend, --dataset, --out, ...)."""
     d = PromptOptSettings()
     g = parser.add_argument_group("prompt optimisation (--mode prompt)")
     g.add_argument("--attributes", default=str(DEFAULT_ATTRIBUTES_DIR),
@@ -90,12 +90,6 @@ def settings_from_args(args) -> PromptOptSettings:
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
         raise UserError(f"unknown strategy '{unknown[0]}' in --strategies; choose from {', '.join(STRATEGIES)}")
-    for flag, value, low in (("--num-images", args.num_images, 1), ("--budget", args.budget, 1),
-                             ("--heldout-images", args.heldout_images, 0),
-                             ("--patience", args.patience, 0), ("--pez-steps", args.pez_steps, 0),
-                             ("--pez-tokens", args.pez_tokens, 0), ("--num-targets", args.num_targets, 0)):
-        if value < low:
-            raise UserError(f"{flag} must be at least {low}, got {value}")
     if not 0 <= args.classifier_weight <= 1:
         raise UserError(f"--classifier-weight must be between 0 and 1, got {args.classifier_weight}")
     style = PromptStyle(type_group=args.type_group, prefix=args.prompt_prefix.strip(), confidence=args.confidence)
@@ -110,23 +104,24 @@ def settings_from_args(args) -> PromptOptSettings:
 class PromptScorer:
     """Generates images for a prompt from fixed seeds and scores them against one target."""
 
-    def __init__(self, backend, settings: PromptOptSettings, classifier=None):
-        self.backend, self.settings, self.classifier = backend, settings, classifier
+    def __init__(self, adapter, settings: PromptOptSettings, classifier=None):
+        self.adapter, self.settings, self.classifier = adapter, settings, classifier
         self.images: dict[tuple[str, bool], torch.Tensor] = {}   # (prompt, heldout) -> images, for the sheet
 
     def __call__(self, target: Target, target_embed: torch.Tensor, prompt: str, heldout: bool = False) -> Score:
         s = self.settings
         seeds = s.seeds(heldout)
-        images = self.backend.generate([prompt] * len(seeds), seeds, s.steps, s.guidance_scale)   # (N, 3, H, W)
+        images = self.adapter.generate([prompt] * len(seeds), seeds, s.steps, s.guidance_scale)   # (N, 3, H, W)
         self.images[(prompt, heldout)] = images[:1].cpu()
-        similarity = float((self.backend.encode_images(images).float().cpu() @ target_embed).mean())
+        similarity = float((self.adapter.encode_images(images).float().cpu() @ target_embed).mean())
         agreement = self.classifier.agreement(images, target) if self.classifier is not None else None
         parts = dict(getattr(self.classifier, "parts", {})) if agreement is not None else None
         w = s.classifier_weight if agreement is not None else 0.0
-        return Score(round(similarity, 6), agreement, round((1 - w) * similarity + w * (agreement or 0.0), 6), parts or None)
+        score = round((1 - w) * similarity + w * (agreement or 0.0), 6)
+        return Score(round(similarity, 6), agreement, score, agreement_parts=parts or None)
 
 
-def propose(search: PromptSearch, backend, target: Target, target_embed: torch.Tensor, features: Features,
+def propose(search: PromptSearch, adapter, target: Target, target_embed: torch.Tensor, features: Features,
             settings: PromptOptSettings) -> Iterator[Proposal]:
     """The candidates for one target in strategy order; pez and refine start from the best prompt so far."""
     style = settings.style
@@ -135,12 +130,12 @@ def propose(search: PromptSearch, backend, target: Target, target_embed: torch.T
             choice = attribute_choice(name, features, style)
             yield Proposal(name, compose_prompt(choice, style), choice)
         elif name == "caption":
-            captions = backend.caption(target.image[None])
+            captions = adapter.caption(target.image[None])
             if captions and captions[0].strip():
                 yield Proposal(name, captions[0].strip())
         elif name == "pez":
-            init = backend.tokenizer(search.best.prompt, add_special_tokens=False)["input_ids"]
-            result = pez_search(backend, target_embed, num_tokens=settings.pez_tokens or max(1, min(len(init), 16)),
+            init = adapter.tokenizer(search.best.prompt, add_special_tokens=False)["input_ids"]
+            result = pez_search(adapter, target_embed, num_tokens=settings.pez_tokens or max(1, min(len(init), 16)),
                                 steps=settings.pez_steps, lr=settings.pez_lr, init_ids=init, seed=settings.seed)
             if result.prompt:
                 yield Proposal(name, result.prompt, extra={"pez_text_cosine": round(result.cosine, 4),
@@ -152,31 +147,29 @@ def propose(search: PromptSearch, backend, target: Target, target_embed: torch.T
 def refine(search: PromptSearch, features: Features, settings: PromptOptSettings) -> Iterator[Proposal]:
     """Greedy coordinate search on attribute choices: single edits of the best attribute prompt, restarting
     from each new best; ends when a full neighbourhood brings no gain (or the search's budget stops it)."""
-    style = settings.style
+    def best_with_choice():
+        return max((c for c in search.candidates if c.choice is not None), key=lambda c: c.score, default=None)
+
     tried: set[str] = set()
-    while True:
-        with_choice = [c for c in search.candidates if c.choice is not None]
-        if not with_choice:
-            return
-        base = max(with_choice, key=lambda c: c.score)
-        for neighbour in choice_neighbours(base.choice, features, style):
-            prompt = compose_prompt(neighbour, style)
+    while (base := best_with_choice()) is not None:
+        for neighbour in choice_neighbours(base.choice, features, settings.style):
+            prompt = compose_prompt(neighbour, settings.style)
             if prompt in tried or any(c.prompt == prompt for c in search.candidates):
                 continue
             tried.add(prompt)
             yield Proposal("refine", prompt, neighbour)
-            if max((c for c in search.candidates if c.choice is not None), key=lambda c: c.score) is not base:
+            if best_with_choice() is not base:
                 break  # a better base: rebuild the neighbourhood around it
         else:
             return
 
 
-def optimize_target(backend, target: Target, target_embed: torch.Tensor, features: Features,
+def optimize_target(adapter, target: Target, target_embed: torch.Tensor, features: Features,
                     settings: PromptOptSettings, scorer: PromptScorer) -> dict:
     """Runs the search for one target; returns its report (JSON-ready)."""
     search = PromptSearch(lambda prompt: scorer(target, target_embed, prompt), settings.budget, settings.patience,
                           settings.min_delta)
-    best = search.run(propose(search, backend, target, target_embed, features, settings))
+    best = search.run(propose(search, adapter, target, target_embed, features, settings))
     naive = next(c for c in search.candidates if c.strategy == NAIVE_STRATEGY)
     report = {
         "image_id": target.image_id, "file": str(target.path), "labels": target.labels,
@@ -198,42 +191,37 @@ def optimize_target(backend, target: Target, target_embed: torch.Tensor, feature
     return report
 
 
-def optimize_prompts(backend, targets: list[Target], tables: list[AttributeTable], settings: PromptOptSettings,
+def optimize_prompts(adapter, targets: list[Target], tables: list[AttributeTable], settings: PromptOptSettings,
                      out_dir: str | Path, classifier=None, cache_dir: str | Path | None = None) -> dict:
     """The whole pipeline over targets; writes the reports under out_dir and returns the summary."""
-    from specialize.backends import weights_checksum
-
     out_dir = Path(out_dir)
     started = time.time()
-    checksum_before = weights_checksum(backend.modules())
-    cache = TextEmbeddingCache(backend, tables, cache_dir)
+    checksum_before = weights_checksum(adapter.modules())
+    cache = TextEmbeddingCache(adapter, tables, cache_dir, checksum_before[:16])
     images = torch.stack([t.image for t in targets])                                    # (N, 3, H, W)
-    target_embeds = torch.cat([backend.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])
-    target_embeds = target_embeds.float().cpu()                                         # (N, E)
-    all_features = score_attributes(target_embeds, tables, cache, backend.logit_scale)
+    target_embeds = chunked(adapter.encode_images, images)                              # (N, E)
+    all_features = score_attributes(target_embeds, tables, cache, adapter.logit_scale)
     cache.save()
-    scorer = PromptScorer(backend, settings, classifier)
+    scorer = PromptScorer(adapter, settings, classifier)
     reports, sheet_rows = [], []
     for i, (target, embed, features) in enumerate(zip(targets, target_embeds, all_features)):
-        report = optimize_target(backend, target, embed, features, settings, scorer)
+        report = optimize_target(adapter, target, embed, features, settings, scorer)
         write_json(out_dir / "targets" / f"{target.image_id}.json", report)
         reports.append(report)
         heldout = settings.heldout_images > 0
-        shown = report["heldout"] if heldout else {"naive": report["naive"], "optimized": {
-            "prompt": report["optimized_prompt"], "score": report["score"]}}
+        shown = [report["heldout"][k] for k in ("naive", "optimized")] if heldout else [
+            report["naive"], {"prompt": report["optimized_prompt"], "score": report["score"]}]
         label = " ".join(str(target.labels[k]) for k in ("tint", "label_name") if k in target.labels)
-        sheet_rows.append((target.image, scorer.images[(shown["naive"]["prompt"], heldout)][0],
-                           scorer.images[(shown["optimized"]["prompt"], heldout)][0], label or target.image_id,
-                           f"{shown['naive']['score']:.2f} {shown['naive']['prompt']}",
-                           f"{shown['optimized']['score']:.2f} {shown['optimized']['prompt']}"))
+        sheet_rows.append((target.image, *(scorer.images[(s["prompt"], heldout)][0] for s in shown),
+                           label or target.image_id, *(f"{s['score']:.2f} {s['prompt']}" for s in shown)))
         scorer.images.clear()
         logger.info("target %d/%d (%s): %s '%s' %.3f vs naive %.3f, %d evaluations (%s)", i + 1, len(targets),
                     target.image_id, report["strategy"], report["optimized_prompt"], report["score"],
                     report["naive"]["score"], report["evaluations"], report["stopped"])
-    checksum_after = weights_checksum(backend.modules())
+    checksum_after = weights_checksum(adapter.modules())
     assert checksum_after == checksum_before, "prompt optimisation changed the model's weights"
     summary = {
-        "backend": backend.name, "model": backend.source,
+        "backend": adapter.name, "model": adapter.source,
         **summarize(reports),
         "settings": {**{k: v for k, v in asdict(settings).items() if k != "style"}, **asdict(settings.style),
                      "tables": {t.group: len(t.values) for t in tables}},
@@ -247,27 +235,19 @@ def optimize_prompts(backend, targets: list[Target], tables: list[AttributeTable
     return summary
 
 
-def load_domain_classifier(args, backend):
-    """The fashion classifier's agreement scorer when the targets are the fashion set and it is available."""
-    if getattr(args, "no_classifier", False) or args.dataset != "fashion":
-        return None
-    from specialize.agreement import load_agreement
-
-    return load_agreement(args.data_root, backend)
-
-
-def run(args) -> dict:
-    """--mode prompt: builds the backend, reads tables and targets, optimises, writes <out>/prompt/."""
-    from specialize.backends import build_backend
-
+def run(args, folders: dict[str, Path]) -> dict:
+    """--mode prompt: loads the adapter, reads tables and targets, optimises, writes <out>/prompt/."""
     settings = settings_from_args(args)
+    if args.backend == "sd" and not args.clip_path:
+        raise UserError("--backend sd needs --clip-path (a CLIP or FashionCLIP HF folder): its aligned space")
     tables = load_attribute_tables(args.attributes, settings.style.type_group)
     found = find_targets(args.dataset, args.data_root, args.target_split)   # bad input fails before the model loads
-    backend = build_backend(args)
-    targets = read_targets(found, backend.image_size, args.num_targets)
-    classifier = load_domain_classifier(args, backend)
-    out_dir = Path(args.out) / OUT_SUBDIRS["prompt"]
-    summary = optimize_prompts(backend, targets, tables, settings, out_dir, classifier, args.cache_dir or None)
+    adapter = load_adapter(args)
+    targets = read_targets(found, adapter.image_size, args.num_targets)
+    classifier = None if args.no_classifier else domain_classifier(args.dataset, args.data_root)
+    agreement = FashionAgreement(classifier) if classifier is not None else None
+    out_dir = folders["prompt"]
+    summary = optimize_prompts(adapter, targets, tables, settings, out_dir, agreement, args.cache_dir or None)
     figures = summary.get("heldout", summary["selection"])
     print(f"prompt optimisation: {summary['targets']} targets, mean similarity {figures['naive_similarity']} (naive) "
           f"-> {figures['optimized_similarity']} (optimised) on {'held-out' if 'heldout' in summary else 'selection'}"

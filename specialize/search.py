@@ -2,7 +2,7 @@
 generation and scoring); the search stops at the budget or after `patience` evaluations without a gain."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 
@@ -13,35 +13,25 @@ class Score:
     similarity: float
     agreement: float | None
     score: float
-    agreement_parts: dict | None = None  # e.g. {"class": 1.0, "tint": 0.5}
-
-
-@dataclass
-class Candidate:
-    strategy: str
-    prompt: str
-    similarity: float
-    agreement: float | None
-    score: float
-    evaluation: int                      # 1-based order of evaluation; duplicates share their original's
-    duplicate_of: str | None = None      # another strategy already proposed this exact prompt
-    choice: dict | None = None           # the attribute choice behind an attribute prompt
-    extra: dict = field(default_factory=dict)
-    agreement_parts: dict | None = None
-
-    def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if v is not None and v != {}}
-        if out.get("choice"):
-            out["choice"] = {g: list(v) for g, v in out["choice"].items()}
-        return out
+    agreement_parts: dict | None = field(default=None, kw_only=True)  # e.g. {"class": 1.0, "tint": 0.5}
 
 
 @dataclass
 class Proposal:
     strategy: str
     prompt: str
-    choice: dict | None = None
+    choice: dict | None = None           # the attribute choice behind an attribute prompt
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class Candidate(Proposal, Score):
+    """An evaluated proposal."""
+    evaluation: int                      # 1-based order of evaluation; duplicates share their original's
+    duplicate_of: str | None = None      # another strategy already proposed this exact prompt
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != {}}   # choice tuples: JSON lists
 
 
 class PromptSearch:
@@ -73,16 +63,10 @@ class PromptSearch:
                 break
             if proposal.prompt in seen:
                 first = seen[proposal.prompt]
-                self.candidates.append(Candidate(
-                    proposal.strategy, proposal.prompt, first.similarity, first.agreement, first.score,
-                    first.evaluation, duplicate_of=first.strategy, choice=proposal.choice, extra=proposal.extra,
-                    agreement_parts=first.agreement_parts))
+                self.candidates.append(replace(first, **vars(proposal), duplicate_of=first.strategy))
                 continue
-            result = self.evaluate(proposal.prompt)
             self.evaluations += 1
-            candidate = Candidate(proposal.strategy, proposal.prompt, result.similarity, result.agreement,
-                                  result.score, self.evaluations, choice=proposal.choice, extra=proposal.extra,
-                                  agreement_parts=result.agreement_parts)
+            candidate = Candidate(**vars(proposal), **vars(self.evaluate(proposal.prompt)), evaluation=self.evaluations)
             self.candidates.append(candidate)
             seen[proposal.prompt] = candidate
             gained = self.best is None or candidate.score > self.best.score + self.min_delta

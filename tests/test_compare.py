@@ -1,11 +1,12 @@
-"""The base-vs-tuned validator (specialize/compare.py) on tiny models: a complete report, and bad input."""
+"""The base-vs-tuned validator (specialize/compare.py) on tiny models: arms from fine-tuning's manifests, a complete
+report, and bad input."""
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from specialize.launcher import main
+from specialize.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +39,13 @@ def setup(tmp_path_factory, tiny_bert) -> dict:
 
 def test_compare_writes_a_complete_report(setup):
     tmp = setup["tmp"]
+    # the LoRA arm comes from <out>/finetune's manifest, the full one from another fine-tune's (--tuned)
     assert main(["--mode", "compare", "--data-root", str(setup["data"]), "--out", str(tmp / "run"),
-                 "--tuned", str(tmp / "full" / "finetune" / "model"), "--steps", "2", "--tints-per-class", "1",
+                 "--tuned", str(tmp / "full" / "finetune"), "--steps", "2", "--tints-per-class", "1",
                  "--images-per-prompt", "2", "--fd-real-images", "8", "--grid-rows", "4", "--device", "cpu"]) == 0
     out = tmp / "run" / "compare"
     report = json.loads((out / "compare.json").read_text())
-    assert report["base"] == str(setup["base"])  # found through the adapter's lora_info.json
+    assert report["base"] == str(setup["base"])  # found through the manifests
     assert set(report["arms"]) == {"base", "prompt_optimised", "lora", "full"}
     for arm in report["arms"].values():
         m = arm["metrics"]

@@ -374,7 +374,7 @@ def test_unreadable_images_are_counted_once_where_they_are_found(coco_folder, to
 
 
 def test_specialize_out_in_the_dataset_folder_is_refused(coco_folder, tmp_path, capsys):
-    from specialize.launcher import main as specialize_main
+    from specialize.cli import main as specialize_main
 
     before = tree_hashes(coco_folder)
     code = specialize_main(["--mode", "finetune", "--dataset", str(coco_folder), "--out", str(coco_folder / "spec")])
@@ -386,7 +386,7 @@ def test_specialize_out_in_the_dataset_folder_is_refused(coco_folder, tmp_path, 
 @pytest.mark.parametrize("mode, leftover", [("prompt", "prompt/summary.json"), ("compare", "compare/compare.json"),
                                             ("all", "finetune/latest")])
 def test_specialize_does_not_replace_earlier_results_without_overwrite(coco_folder, tmp_path, capsys, mode, leftover):
-    from specialize.launcher import main as specialize_main
+    from specialize.cli import main as specialize_main
 
     out = tmp_path / "spec"
     (out / leftover).parent.mkdir(parents=True)

@@ -13,14 +13,13 @@ from PIL import Image
 from configs.loading import load_config
 from models.checkpoint import save_checkpoint
 from models.duet import DuetModel
-from specialize.attribute_tables import load_attribute_tables
-from specialize.backends import load_duet_backend, weights_checksum
-from specialize.features import GroupScores, TextEmbeddingCache
-from specialize.launcher import main
+from specialize.adapters import weights_checksum
+from specialize.attributes import (ATTRIBUTE_STRATEGIES, STRATEGIES, GroupScores, PromptStyle, TextEmbeddingCache,
+                                   attribute_choice, compose_prompt, load_attribute_tables)
+from specialize.cli import main
+from specialize.loading import load_duet
 from specialize.pez import encode_prompt_embeds, pez_search
 from specialize.search import PromptSearch, Proposal, Score
-from specialize.strategies import (ATTRIBUTE_STRATEGIES, STRATEGIES, PromptStyle, attribute_choice,
-                                   compose_prompt)
 
 TINTS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240)}
 GARMENTS = ("dress", "coat", "bag")
@@ -133,20 +132,18 @@ def test_budget_and_patience_stop_the_search_before_the_next_proposal_is_made():
 
 def test_text_embedding_cache_is_keyed_by_weights_and_table_content(tmp_path):
     class FakeBackend:
-        def identity(self):
-            return "weights-1"
-
         def encode_texts(self, texts):
             return torch.stack([torch.tensor([float(len(t)), 1.0]) for t in texts])
 
     tables = load_attribute_tables(write_tables(tmp_path / "tables"))
-    first = TextEmbeddingCache(FakeBackend(), tables, tmp_path / "cache")
+    first = TextEmbeddingCache(FakeBackend(), tables, tmp_path / "cache", "weights-1")
     first.embed(["a red dress", "a blue bag"])
     first.save()
-    again = TextEmbeddingCache(FakeBackend(), tables, tmp_path / "cache")
+    again = TextEmbeddingCache(FakeBackend(), tables, tmp_path / "cache", "weights-1")
     assert torch.equal(again.embed(["a blue bag"]), torch.tensor([[10.0, 1.0]])) and again.encoded == 0
     (tmp_path / "tables" / "style.txt").write_text("casual\nsporty\n")
-    edited = TextEmbeddingCache(FakeBackend(), load_attribute_tables(tmp_path / "tables"), tmp_path / "cache")
+    edited = TextEmbeddingCache(FakeBackend(), load_attribute_tables(tmp_path / "tables"), tmp_path / "cache",
+                                "weights-1")
     edited.embed(["a blue bag"])
     assert edited.encoded == 1
 
@@ -154,7 +151,7 @@ def test_text_embedding_cache_is_keyed_by_weights_and_table_content(tmp_path):
 # ---- PEZ on a tiny Duet model ----
 
 def test_pez_picks_vocabulary_tokens_and_improves_its_objective(workspace):
-    backend = load_duet_backend(workspace["ckpt"], torch.device("cpu"))
+    backend = load_duet(workspace["ckpt"], torch.device("cpu"))
     before = weights_checksum(backend.modules())
     ids = backend.tokenizer("a photo of a red dress", add_special_tokens=False)["input_ids"]
     # The hook is exact: the table's own rows give the same embedding as the plain forward.
@@ -273,15 +270,14 @@ def test_sd_backend_loads_local_folders_and_runs_one_optimisation(workspace, tin
     assert folder_checksums(tiny_sd) == before
 
 
-def test_mode_all_chains_prompt_finetune_compare(monkeypatch):
-    import types
-
-    import specialize.launcher as launcher
+def test_mode_all_chains_prompt_finetune_compare(monkeypatch, tmp_path):
+    from specialize import cli
 
     calls = []
-    monkeypatch.setattr(launcher, "mode_module",
-                        lambda mode, required=True: types.SimpleNamespace(run=lambda args: calls.append(mode)))
-    assert launcher.main(["--mode", "all"]) == 0 and calls == ["prompt", "finetune", "compare"]
+    for mode, module in cli.MODES.items():
+        monkeypatch.setattr(module, "run", lambda args, folders, mode=mode: calls.append((mode, folders[mode])))
+    assert cli.main(["--mode", "all", "--out", str(tmp_path)]) == 0
+    assert calls == [(mode, tmp_path / mode) for mode in ("prompt", "finetune", "compare")]
 
 
 # ---- bad input: one line, exit 2 ----
@@ -318,8 +314,8 @@ def test_bad_input_is_one_line_and_exit_2(workspace, tmp_path, capsys):
 
 def test_fashion_agreement_counts_class_and_tint_matches():
     from data.fashion import FASHION_TINTS
-    from specialize.agreement import FashionAgreement, estimate_tints
-    from specialize.targets import Target
+    from evaluation.fashion_classifier import FashionAgreement, estimate_tints
+    from specialize.domain import Target
 
     torch.manual_seed(0)
     grey = torch.rand(1, 1, 16, 16)

@@ -292,7 +292,7 @@ def test_embeddings_of_a_large_upload_equal_the_cli_preprocessing(client, genera
 
 
 def test_the_sdapi_client_splits_large_counts_into_requests_the_server_takes(monkeypatch):
-    from specialize.sdapi import MAX_IMAGES_PER_REQUEST, SdApiClient
+    from serving.client import MAX_IMAGES_PER_REQUEST, SdApiClient
 
     sent = []
 

@@ -24,7 +24,7 @@ from PIL import Image
 from inference import ImageTextGenerator
 from serving.app import create_app
 from serving.settings import ServeSettings
-from specialize.launcher import main as specialize_main
+from specialize.cli import main as specialize_main
 from test_prompt_opt import FAST, tiny_sd, write_tables, write_targets  # noqa: F401 (tiny_sd: a fixture used here)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,14 +1,11 @@
-"""Domain specialisation launcher: `python specialize.py --mode prompt|finetune|compare|all [--checkpoint DIR] ...`.
-
-prompt: optimise prompts for a domain, weights untouched (specialize/prompt_opt.py); finetune: LoRA or full
-fine-tune (specialize/finetune.py); compare: base vs tuned (specialize/compare.py); all: the three in turn.
-Each mode module registers its own flags with `add_arguments(parser)` and runs with `run(args)`. The repo-root
-specialize.py only calls main() here (a top-level module cannot share the package's name and be imported).
-"""
+"""Domain specialisation: `python specialize.py --mode prompt|finetune|compare|all [--checkpoint DIR] ...`.
+prompt: optimise prompts for a domain, weights untouched; finetune: the trainer's fine-tuning preset (full or LoRA);
+compare: base vs tuned; all: the three in turn. Each mode (prompt_opt.py, finetune.py, compare.py) adds its flags with
+add_arguments(parser), declares MINIMUMS (flag dest -> least value) and runs with run(args, folders), folders being
+every mode's results folder under --out."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
@@ -17,23 +14,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders, never the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
 from configs.errors import UserError  # noqa: E402
+from data.datasets import refuse_inside_dataset  # noqa: E402
+from data.fashion import complete_fashion_sets  # noqa: E402
+from models.checkpoint import quiet_library_progress  # noqa: E402
+from specialize import compare, finetune, prompt_opt  # noqa: E402
 
-MODES = ("prompt", "finetune", "compare")
-MODULES = {"prompt": "specialize.prompt_opt", "finetune": "specialize.finetune", "compare": "specialize.compare"}
-OUT_SUBDIRS = {"prompt": "prompt", "finetune": "finetune", "compare": "compare"}   # each mode's results in --out
-
-
-def mode_module(mode: str, required: bool = True):
-    """The module behind a mode, or None when it is not installed and not required."""
-    try:
-        return importlib.import_module(MODULES[mode])
-    except ModuleNotFoundError as err:
-        if err.name != MODULES[mode]:
-            raise  # a missing dependency inside the module is a bug to see, not a missing mode
-        if required:
-            raise UserError(f"--mode {mode} is not available in this checkout ({MODULES[mode]} is missing)") from None
-        return None
+MODES = {"prompt": prompt_opt, "finetune": finetune, "compare": compare}   # --mode all runs them in this order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,29 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", help="ddim | dpm++ | euler | ddpm (--backend sd: the pipeline's own unless named)")
     g.add_argument("--sample-steps", dest="steps", type=int, help=argparse.SUPPRESS)  # the spellings before
     g.add_argument("--guidance", dest="guidance_scale", type=float, help=argparse.SUPPRESS)
-    for mode in MODES:
-        module = mode_module(mode, required=False)
-        if module is not None and hasattr(module, "add_arguments"):
-            module.add_arguments(parser)
+    for module in MODES.values():
+        module.add_arguments(parser)
     return parser
 
 
 def refuse_out_in_dataset(args) -> None:
     """--out must not land in the data it reads (fine-tuning rotates checkpoint-* folders there)."""
-    from data.datasets import refuse_inside_dataset
-    from data.fashion import complete_fashion_sets
-
     folders = complete_fashion_sets(args.data_root) if args.dataset == "fashion" else [args.dataset]
     for folder in folders:
         refuse_inside_dataset(args.out, folder, "--out", "choose another --out")
 
 
-def refuse_earlier_results(args, modes: tuple[str, ...]) -> None:
-    """A mode's folder under --out that already holds results is replaced only with --overwrite (a fine-tuning
-    run may continue its own with --resume)."""
-    for mode in modes:
-        folder = Path(args.out) / OUT_SUBDIRS[mode]
-        resuming = mode == "finetune" and getattr(args, "resume", None)
+def refuse_earlier_results(args, folders: dict[str, Path]) -> None:
+    """A mode's folder that already holds results is replaced only with --overwrite (a fine-tuning run may continue
+    its own with --resume)."""
+    for mode, folder in folders.items():
+        resuming = mode == "finetune" and args.resume
         if folder.is_dir() and any(folder.iterdir()) and not resuming and not args.overwrite:
             raise UserError(f"{folder} holds results of an earlier run; pass --overwrite to replace them"
                             + (", --resume latest to continue it" if mode == "finetune" else "")
@@ -92,22 +75,25 @@ def refuse_earlier_results(args, modes: tuple[str, ...]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    modes: list[str] = []
     try:
         args = build_parser().parse_args(argv)
         if args.threads > 0:
-            import torch
-
             torch.set_num_threads(args.threads)
-        if args.steps is not None and args.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {args.steps}")
+        modes = list(MODES) if args.mode == "all" else [args.mode]
+        for dest, least in {"steps": 1, **{k: v for mode in modes for k, v in MODES[mode].MINIMUMS.items()}}.items():
+            if (value := getattr(args, dest)) is not None and value < least:
+                raise UserError(f"--{dest.replace('_', '-')} must be >= {least}, got {value}")
         refuse_out_in_dataset(args)
-        modes = MODES if args.mode == "all" else (args.mode,)
-        refuse_earlier_results(args, modes)
+        folders = {mode: Path(args.out) / mode for mode in MODES}
+        refuse_earlier_results(args, {mode: folders[mode] for mode in modes})
+        quiet_library_progress()
         for mode in modes:
-            mode_module(mode).run(args)
+            MODES[mode].run(args, folders)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted" + ("; resume with --resume latest" if "finetune" in modes else ""), file=sys.stderr)
+        return 130
     return 0
-
-
