@@ -178,8 +178,3 @@ def _move_into_place(tmp: Path, folder: Path) -> None:
         # another writer's copy landed in between: keep it (temporary_folder removes ours)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def atomic_dir(folder: str | Path, write: Callable[[Path], object]) -> Path:
-    """write_folder(folder, write); kept for specialize/ until its callers use write_folder."""
-    return write_folder(folder, write)

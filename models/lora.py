@@ -94,9 +94,9 @@ def _metadata(module: nn.Module) -> dict:
 
 
 def save_lora(folder: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None,
-              extra: dict | None = None, image_decoder: nn.Module | None = None) -> Path:
+              image_decoder: nn.Module | None = None) -> Path:
     """Writes <folder>/pytorch_lora_weights.safetensors (+ image_decoder_lora.safetensors when the decoder has an
-    adapter, lora_info.json with `extra`); returns the first file. Files are replaced atomically.
+    adapter); returns the first file. Files are replaced atomically.
 
     Uses StableDiffusionLoraLoaderMixin.save_lora_weights, i.e. the exact file diffusers' training scripts write."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
@@ -119,8 +119,6 @@ def save_lora(folder: str | Path, unet: nn.Module, text_encoder: nn.Module | Non
             spec = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp / DECODER_WEIGHT_NAME,
                       metadata={"format": "pt", "lora_config": json.dumps(spec)})
-        if extra is not None:
-            (tmp / "lora_info.json").write_text(json.dumps(extra, indent=2))
         folder.mkdir(parents=True, exist_ok=True)
         # the folder may hold other outputs (a merged model, checkpoints): replace files only
         for item in tmp.iterdir():
@@ -251,13 +249,3 @@ def apply_lora(model, path: str | Path, scale: float = 1.0, fuse: bool = True):
     if decoder_file.is_file():
         load_decoder_lora(decoder_file, model.image_decoder, scale=scale, fuse=fuse)
     return model.to(device)
-
-
-def adapter_size(path: str | Path, unet: nn.Module) -> dict:
-    """{adapter_bytes (the adapter files together), unet_bytes (the base UNet's tensors), ratio, files}: what
-    `--rank` costs on disk."""
-    main = lora_file(path)
-    files = {f.name: f.stat().st_size for f in (main, main.parent / DECODER_WEIGHT_NAME) if f.is_file()}
-    base = sum(t.numel() * t.element_size() for name, t in unet.state_dict().items() if "lora_" not in name)
-    return {"adapter_bytes": sum(files.values()), "unet_bytes": base, "ratio": sum(files.values()) / base,
-            "files": files}
